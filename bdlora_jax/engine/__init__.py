@@ -1,0 +1,1 @@
+"""Inference engine: adapter pool, KV cache handling and the Engine API."""

@@ -1,0 +1,77 @@
+"""Adapters registered on the host, `max_loras` of them resident in device bank slots, evicted least-recently-used."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable
+
+from ..lora.adapter import LoraAdapter
+from ..lora.bank import BankLayout, slot_arrays, write_slot, zeros_bank
+from ..sharding import ShardingPlan
+
+
+class PoolFullError(RuntimeError):
+    """Every device slot holds an adapter that the current batch needs."""
+
+
+class AdapterPool:
+    """Host registry of adapters plus the device bank; slot 0 is reserved for "no adapter"."""
+
+    def __init__(self, layout: BankLayout, plan: ShardingPlan):
+        self.layout = layout
+        self.plan = plan
+        self.bank = zeros_bank(layout, plan)
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.resident: OrderedDict[str, int] = OrderedDict()
+        self.loads = 0
+        self.evictions = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.layout.num_slots - 1
+
+    def register(self, name: str, adapter: LoraAdapter) -> None:
+        """Add an adapter after checking that it fits the bank; raises without changing anything if not."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already registered; remove it first")
+        slot_arrays(adapter, self.layout)
+        self.adapters[name] = adapter
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter; its slot (if any) becomes free."""
+        if name not in self.adapters:
+            raise KeyError(f"adapter {name!r} is not registered")
+        del self.adapters[name]
+        self.resident.pop(name, None)
+
+    def slots_for(self, names: Iterable[str | None]) -> list[int]:
+        """Device slot of each name (None -> 0), loading missing adapters and evicting unneeded ones."""
+        names = list(names)
+        needed = {n for n in names if n is not None}
+        for name in needed:
+            if name not in self.adapters:
+                raise KeyError(f"adapter {name!r} is not registered")
+        if len(needed) > self.capacity:
+            raise PoolFullError(f"{len(needed)} distinct adapters in one batch but max_loras={self.capacity}")
+        for name in names:
+            if name is not None:
+                self._ensure_resident(name, needed)
+        return [0 if n is None else self.resident[n] for n in names]
+
+    def _ensure_resident(self, name: str, pinned: set[str]) -> None:
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            return
+        used = set(self.resident.values())
+        free = [s for s in range(1, self.layout.num_slots) if s not in used]
+        if free:
+            slot = free[0]
+        else:
+            victim = next((n for n in self.resident if n not in pinned), None)
+            if victim is None:
+                raise PoolFullError(f"every slot holds an adapter in use; cannot load {name!r}")
+            slot = self.resident.pop(victim)
+            self.evictions += 1
+        self.bank = write_slot(self.bank, slot, slot_arrays(self.adapters[name], self.layout))
+        self.resident[name] = slot
+        self.loads += 1

@@ -1,0 +1,116 @@
+"""The user-facing Engine: a base model on a mesh, a strategy, an adapter pool, and jitted scoring."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
+from ..config import EngineConfig, ModelConfig
+from ..lora.adapter import LoraAdapter
+from ..lora.bank import BankLayout
+from ..lora.peft_io import read_adapter
+from ..mesh import make_mesh
+from ..model.llama import AdapterBatch, forward, init_model
+from ..sharding import make_plan
+from .adapter_pool import AdapterPool
+
+DEMO_CONFIG = ModelConfig(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=8,
+    head_dim=8, name="demo",
+)
+
+
+class Engine:
+    """Serve one base model with many adapters; rows of a batch may each use a different adapter."""
+
+    def __init__(self, model_config: ModelConfig, params, engine_config: EngineConfig, tokenizer=None, plan=None):
+        self.model_config = model_config
+        self.config = engine_config
+        self.plan = plan or make_plan(make_mesh(engine_config.mesh), engine_config.strategy, model_config,
+                                      engine_config.max_lora_rank)
+        self.graphdef, self.state = params
+        self.tokenizer = tokenizer
+        layout = BankLayout.for_plan(model_config, self.plan, engine_config.max_loras, engine_config.max_lora_rank,
+                                     engine_config.dtype)
+        self.pool = AdapterPool(layout, self.plan)
+        self._forward = jax.jit(partial(forward, self.graphdef))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        mesh: str = "1x1",
+        strategy: str = "bdlora",
+        max_loras: int = 8,
+        max_lora_rank: int = 16,
+        max_batch: int = 16,
+        max_seq_len: int = 512,
+        dtype: str = "float32",
+        lora_impl: str = "auto",
+    ) -> "Engine":
+        """Load a HF Llama directory (or "demo": a tiny random Llama) onto a "DxM" mesh under a strategy."""
+        config = EngineConfig(mesh=mesh, strategy=strategy, max_loras=max_loras, max_lora_rank=max_lora_rank,
+                              max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype, lora_impl=lora_impl)
+        if lora_impl == "pallas":
+            raise ValueError("lora_impl='pallas' is not available in this build; use 'xla' or 'auto'")
+        if str(path) == "demo":
+            model_config, tokenizer = DEMO_CONFIG, None
+        else:
+            model_config, tokenizer = load_model_config(path), load_tokenizer(path)
+        plan = make_plan(make_mesh(mesh), strategy, model_config, max_lora_rank)
+        if str(path) == "demo":
+            params = init_model(model_config, plan, jnp.dtype(dtype), seed=0)
+        else:
+            params = load_hf_params(path, model_config, plan, jnp.dtype(dtype))
+        return cls(model_config, params, config, tokenizer, plan)
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self.pool.adapters)
+
+    def add_adapter(self, name: str, path_or_adapter: str | Path | LoraAdapter) -> None:
+        """Register a PEFT LoRA / BD-LoRA adapter; a bad one raises and leaves the engine as it was."""
+        adapter = path_or_adapter
+        if not isinstance(adapter, LoraAdapter):
+            adapter = read_adapter(path_or_adapter, self.model_config, name=name)
+        self.pool.register(name, adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        self.pool.unregister(name)
+
+    def batch_logits(self, sequences: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> list[np.ndarray]:
+        """Float32 logits (len, vocab) for each sequence, all rows in one batch, each with its own adapter."""
+        if len(sequences) != len(adapters):
+            raise ValueError(f"{len(sequences)} sequences but {len(adapters)} adapters")
+        lengths = [len(s) for s in sequences]
+        if min(lengths, default=0) < 1:
+            raise ValueError("every sequence needs at least one token")
+        if max(lengths) > self.config.max_seq_len:
+            raise ValueError(f"sequence of {max(lengths)} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        for seq in sequences:
+            bad = [t for t in seq if not 0 <= int(t) < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        slots = self.pool.slots_for(adapters)
+        rows = -(-len(sequences) // self.plan.data_size) * self.plan.data_size
+        tokens = np.zeros((rows, max(lengths)), np.int32)
+        for i, seq in enumerate(sequences):
+            tokens[i, :len(seq)] = seq
+        slot_ids = np.zeros((rows,), np.int32)
+        slot_ids[:len(slots)] = slots
+        logits, _ = self._forward(
+            self.state, jnp.asarray(tokens), jnp.zeros((rows,), jnp.int32), None,
+            AdapterBatch(self.pool.bank, jnp.asarray(slot_ids)),
+        )
+        logits = np.asarray(logits, dtype=np.float32)
+        return [logits[i, :n] for i, n in enumerate(lengths)]
+
+    def logits(self, token_ids: Sequence[int], adapter: str | None = None) -> np.ndarray:
+        """Float32 logits (len(token_ids), vocab) of one sequence under one adapter (None = base model)."""
+        return self.batch_logits([list(token_ids)], [adapter])[0]

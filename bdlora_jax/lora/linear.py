@@ -1,0 +1,121 @@
+"""The multi-adapter linear layer y = x·W + (x·A[slot])·B[slot] under shard_map, for every strategy.
+
+Each row of a batch names an adapter slot (slot 0 is all zeros: no adapter); the scale is already folded
+into B. What each device holds follows from the PartitionSpecs that the strategy's rules table resolves to,
+and so do the collectives: a rank-sliced x·A that meets a full-rank B is all-gathered (S-LoRA column
+modules), a partial-sum x·A that meets an output-sharded B is all-reduced (S-LoRA row modules), and
+everything else stays local, folding row-parallel partial sums into the base model's one all-reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from ..mesh import MODEL
+
+PARTIAL, SLICE, FULL = "partial", "slice", "full"
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """Where one module's adapter factors live, derived from their PartitionSpecs (slot dim first)."""
+
+    a_block: bool
+    b_block: bool
+    gather_rank: bool
+    reduce_rank: bool
+    output: str
+
+    @classmethod
+    def from_specs(cls, a_spec: PartitionSpec, b_spec: PartitionSpec, a_ndim: int, b_ndim: int) -> "LoraLayout":
+        a_block, b_block = a_ndim == 4, b_ndim == 4
+        a_axes = tuple(a_spec) + (None,) * (a_ndim - len(a_spec))
+        b_axes = tuple(b_spec) + (None,) * (b_ndim - len(b_spec))
+        if a_block:
+            shrink_sliced, shrink_partial = a_axes[1] == MODEL, False
+        else:
+            shrink_partial, shrink_sliced = a_axes[1] == MODEL, a_axes[2] == MODEL
+        b_wants_slice = b_axes[1] == MODEL
+        b_out_sharded = b_axes[1] == MODEL if b_block else b_axes[2] == MODEL
+        if b_wants_slice and not shrink_sliced:
+            raise ValueError(f"inconsistent LoRA layout: A {a_spec} gives no rank slice for B {b_spec}")
+        gather_rank = shrink_sliced and not b_wants_slice
+        reduce_rank = shrink_partial and b_out_sharded
+        partial = (shrink_partial and not reduce_rank) or (b_wants_slice and not b_block)
+        output = PARTIAL if partial else (SLICE if b_out_sharded else FULL)
+        return cls(a_block, b_block, gather_rank, reduce_rank, output)
+
+
+def _lora_delta(x: jax.Array, slots: jax.Array, a: jax.Array, b: jax.Array, layout: LoraLayout) -> jax.Array:
+    """Per-device LoRA contribution for rows that each use their own slot; h is kept in float32."""
+    batch, seq = x.shape[:2]
+    a_rows, b_rows = a[slots], b[slots]
+    if layout.a_block:
+        xb = x.reshape(batch, seq, a_rows.shape[1], a_rows.shape[2])
+        h = jnp.einsum("bsnd,bndr->bsnr", xb, a_rows, preferred_element_type=jnp.float32).reshape(batch, seq, -1)
+    else:
+        h = jnp.einsum("bsd,bdr->bsr", x, a_rows, preferred_element_type=jnp.float32)
+    if layout.gather_rank:
+        h = jax.lax.all_gather(h, MODEL, axis=2, tiled=True)
+    if layout.reduce_rank:
+        h = jax.lax.psum(h, MODEL)
+    h = h.astype(b.dtype)
+    if layout.b_block:
+        hb = h.reshape(batch, seq, b_rows.shape[1], b_rows.shape[2])
+        y = jnp.einsum("bsnr,bnro->bsno", hb, b_rows, preferred_element_type=jnp.float32).reshape(batch, seq, -1)
+    else:
+        y = jnp.einsum("bsr,bro->bso", h, b_rows, preferred_element_type=jnp.float32)
+    return y
+
+
+def _place_slice(y: jax.Array, n: int) -> jax.Array:
+    """Put this device's exact output slice into a zero (…, n·width) partial-sum buffer at its offset."""
+    width = y.shape[-1]
+    buffer = jnp.zeros(y.shape[:-1] + (n * width,), y.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(buffer, y, jax.lax.axis_index(MODEL) * width, axis=2)
+
+
+def adapted_linear(
+    x: jax.Array,
+    w: jax.Array,
+    lora: tuple[jax.Array, jax.Array] | None,
+    slots: jax.Array | None,
+    *,
+    mesh: jax.sharding.Mesh,
+    x_spec: PartitionSpec,
+    w_spec: PartitionSpec,
+    out_spec: PartitionSpec,
+    factor_specs: tuple[PartitionSpec, PartitionSpec] | None,
+    slot_spec: PartitionSpec,
+) -> jax.Array:
+    """x (batch, seq, d_in) · w (d_in, d_out) plus each row's adapter; row-parallel sums end in one psum."""
+    row_parallel = w_spec[0] == MODEL if len(w_spec) else False
+    base_output = PARTIAL if row_parallel else (SLICE if len(w_spec) > 1 and w_spec[1] == MODEL else FULL)
+    n = mesh.shape[MODEL]
+
+    if lora is None:
+        def local(x, w):
+            y = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+            return jax.lax.psum(y, MODEL) if row_parallel else y
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec), out_specs=out_spec)(x, w)
+
+    a, b = lora
+    layout = LoraLayout.from_specs(factor_specs[0], factor_specs[1], a.ndim, b.ndim)
+    if layout.output != base_output and not (base_output == PARTIAL and layout.output == SLICE):
+        raise ValueError(f"LoRA output {layout.output} cannot join a {base_output} base output ({w_spec})")
+
+    def local(x, w, slots, a, b):
+        y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+        delta = _lora_delta(x, slots, a, b, layout)
+        if base_output == PARTIAL and layout.output == SLICE:
+            delta = _place_slice(delta, n)
+        y = (y + delta).astype(x.dtype)
+        return jax.lax.psum(y, MODEL) if row_parallel else y
+
+    in_specs = (x_spec, w_spec, slot_spec, factor_specs[0], factor_specs[1])
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec)(x, w, slots, a, b)
