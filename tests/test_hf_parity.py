@@ -98,3 +98,19 @@ def test_tokenizer_is_byte_level(hf_dir):
     tok = load_tokenizer(hf_dir / "model")
     assert tok.encode("Hello").ids == [72, 101, 108, 108, 111]
     assert tok.decode([72, 101, 108, 108, 111]) == "Hello"
+
+
+@pytest.mark.parametrize("mesh,strategy", [("1x1", "bdlora"), ("1x4", "slora")])
+def test_bfloat16_weights_stay_within_bfloat16_error(hf_dir, reference, mesh, strategy):
+    import jax
+
+    eng = Engine.from_pretrained(hf_dir / "model", mesh=mesh, strategy=strategy, max_loras=1, max_lora_rank=8,
+                                 dtype="bfloat16")
+    assert {str(x.dtype) for x in jax.tree.leaves((eng.state, eng.pool.bank))} == {"bfloat16"}
+    eng.add_adapter("bd", hf_dir / "adapters" / "bdlora_nb4_r8")
+    for name, key in ((None, "logits_base"), ("bd", "logits_bdlora_nb4_r8")):
+        got = _batch(eng, reference, name)
+        assert got.dtype == np.float32
+        # bfloat16 keeps 8 mantissa bits (unit roundoff 2^-8); through two layers the logits stay within 2^-5
+        relative = np.linalg.norm(got - reference[key]) / np.linalg.norm(reference[key])
+        assert relative < 2 ** -5, relative

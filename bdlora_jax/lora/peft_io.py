@@ -27,7 +27,9 @@ _UNSUPPORTED = {
     "alpha_pattern": ({}, None),
     "layers_to_transform": (None, []),
     "fan_in_fan_out": (False, None),
+    "layer_replication": (None, []),
 }
+PEFT_DEFAULT_ALPHA = 8
 
 
 class AdapterError(ValueError):
@@ -65,7 +67,7 @@ def _check_config(config: dict[str, Any], where: Path) -> tuple[int, float, dict
     r = config.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise AdapterError(f"{where}: field 'r'={r!r}; expected a positive integer")
-    alpha = config.get("lora_alpha", r)
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise AdapterError(f"{where}: field 'lora_alpha'={alpha!r}; expected a number")
     for field, allowed in _UNSUPPORTED.items():
@@ -82,7 +84,7 @@ def _check_config(config: dict[str, Any], where: Path) -> tuple[int, float, dict
     if not isinstance(bd, dict):
         raise AdapterError(f"{where}: field 'use_bdlora' must be an object, got {bd!r}")
     nblocks = bd.get("nblocks", 1)
-    if not isinstance(nblocks, int) or nblocks < 1:
+    if not isinstance(nblocks, int) or isinstance(nblocks, bool) or nblocks < 1:
         raise AdapterError(f"{where}: field 'use_bdlora.nblocks'={nblocks!r}; expected a positive integer")
     if r % nblocks:
         raise AdapterError(f"{where}: r={r} is not divisible by use_bdlora.nblocks={nblocks}")
@@ -107,6 +109,16 @@ def _block_counts(module: str, bd: dict[str, Any] | None, where: Path) -> tuple[
             "(match_strict is true)"
         )
     return (nblocks if in_a else 1), (nblocks if in_b else 1)
+
+
+def _targets(config: dict[str, Any], layer: int, parent: str, module: str) -> bool:
+    """Whether PEFT would adapt this module: a name list (suffix match) or a regex fullmatch on the module path."""
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear" or (isinstance(targets, list) and "all-linear" in targets):
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, f"model.layers.{layer}.{parent}.{module}") is not None
+    return module in targets
 
 
 def _load_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -139,11 +151,19 @@ def read_adapter(path: str | Path, config: ModelConfig, name: str | None = None)
         layer, parent, module, factor = int(match[1]), match[2], match[3], match[4]
         if module not in LORA_MODULES or _parent(module) != parent:
             raise AdapterError(f"{weights}: tensor {key!r}: unknown target module {parent}.{module}; expected one of {list(LORA_MODULES)}")
+        if not _targets(adapter_config, layer, parent, module):
+            raise AdapterError(
+                f"{weights}: tensor {key!r} is for {module}, which target_modules={adapter_config.get('target_modules')!r} "
+                f"in {config_path.name} does not name; PEFT would ignore it"
+            )
         if layer >= config.num_layers:
             raise AdapterError(f"{weights}: tensor {key!r}: layer {layer} but the base model has {config.num_layers} layers")
         if not np.all(np.isfinite(value)):
             raise AdapterError(f"{weights}: tensor {key!r} contains NaN or Inf values")
-        pairs.setdefault((layer, module), {})[factor] = value
+        entry = pairs.setdefault((layer, module), {})
+        if factor in entry:
+            raise AdapterError(f"{weights}: tensor {key!r} appears twice (with and without the base_model.model. prefix)")
+        entry[factor] = value
     if not pairs:
         raise AdapterError(f"{weights}: no LoRA tensors found")
     modules: dict[tuple[int, str], ModuleFactors] = {}
