@@ -117,6 +117,53 @@ def load_hf_params(path: str | Path, config: ModelConfig, plan: ShardingPlan, dt
     return graphdef, state
 
 
+def hf_config_dict(config: ModelConfig) -> dict:
+    """config.json of a HF LlamaForCausalLM with this shape (rope in the rope_theta + rope_scaling form)."""
+    rope = config.rope_scaling
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None if rope is None else {
+            "rope_type": "llama3", "factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
+            "high_freq_factor": rope.high_freq_factor,
+            "original_max_position_embeddings": rope.original_max_position_embeddings,
+        },
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "max_position_embeddings": config.max_position_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) != 1 else config.eos_token_ids[0],
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+
+
+def save_hf_checkpoint(config: ModelConfig, state: nnx.State, path: str | Path) -> Path:
+    """Write parameters as a HF Llama directory (config.json + model.safetensors) that transformers loads."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key_path, variable in jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )[0]:
+        name, transposed = _hf_name(key_path, config)
+        value = np.asarray(jax.device_get(variable[...]), dtype=np.float32)
+        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
+    save_file(tensors, str(path / SINGLE_FILE), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
+    return path
+
+
 def load_tokenizer(path: str | Path):
     """The `tokenizers` Tokenizer of a model directory, or None if it has no tokenizer.json."""
     file = Path(path) / "tokenizer.json"

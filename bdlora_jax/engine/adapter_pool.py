@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterable
 
+import numpy as np
+
 from ..lora.adapter import LoraAdapter
 from ..lora.bank import BankLayout, slot_arrays, write_slot, zeros_bank
 from ..sharding import ShardingPlan
@@ -43,6 +45,12 @@ class AdapterPool:
             raise KeyError(f"adapter {name!r} is not registered")
         del self.adapters[name]
         self.resident.pop(name, None)
+
+    def warm_up(self) -> None:
+        """Compile the slot write once (writing zeros into a free slot) so later loads compile nothing."""
+        if not self.resident:
+            zeros = {key: tuple(np.zeros(x.shape[1:], np.float32) for x in pair) for key, pair in self.bank.items()}
+            self.bank = write_slot(self.bank, 1, zeros)
 
     def slots_for(self, names: Iterable[str | None]) -> list[int]:
         """Device slot of each name (None -> 0), loading missing adapters and evicting unneeded ones."""

@@ -16,15 +16,12 @@ from ..lora.adapter import LoraAdapter
 from ..lora.bank import BankLayout
 from ..lora.peft_io import read_adapter
 from ..mesh import make_mesh
-from ..model.llama import AdapterBatch, forward, init_model
+from ..model.llama import AdapterBatch, forward
+from ..demo import MODEL_DIR
 from ..sharding import make_plan
 from .adapter_pool import AdapterPool
-
-DEMO_CONFIG = ModelConfig(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=8,
-    head_dim=8, name="demo",
-)
-
+from .generator import Completion, Generator, Request
+from .sampler import SamplingParams
 
 class Engine:
     """Serve one base model with many adapters; rows of a batch may each use a different adapter."""
@@ -40,6 +37,7 @@ class Engine:
                                      engine_config.dtype)
         self.pool = AdapterPool(layout, self.plan)
         self._forward = jax.jit(partial(forward, self.graphdef))
+        self._generator: Generator | None = None
 
     @classmethod
     def from_pretrained(
@@ -54,20 +52,16 @@ class Engine:
         dtype: str = "float32",
         lora_impl: str = "auto",
     ) -> "Engine":
-        """Load a HF Llama directory (or "demo": a tiny random Llama) onto a "DxM" mesh under a strategy."""
+        """Load a HF Llama directory (or "demo": the small Llama shipped in the package) onto a "DxM" mesh."""
         config = EngineConfig(mesh=mesh, strategy=strategy, max_loras=max_loras, max_lora_rank=max_lora_rank,
                               max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype, lora_impl=lora_impl)
         if lora_impl == "pallas":
             raise ValueError("lora_impl='pallas' is not available in this build; use 'xla' or 'auto'")
         if str(path) == "demo":
-            model_config, tokenizer = DEMO_CONFIG, None
-        else:
-            model_config, tokenizer = load_model_config(path), load_tokenizer(path)
+            path = MODEL_DIR
+        model_config, tokenizer = load_model_config(path), load_tokenizer(path)
         plan = make_plan(make_mesh(mesh), strategy, model_config, max_lora_rank)
-        if str(path) == "demo":
-            params = init_model(model_config, plan, jnp.dtype(dtype), seed=0)
-        else:
-            params = load_hf_params(path, model_config, plan, jnp.dtype(dtype))
+        params = load_hf_params(path, model_config, plan, jnp.dtype(dtype))
         return cls(model_config, params, config, tokenizer, plan)
 
     @property
@@ -114,3 +108,60 @@ class Engine:
     def logits(self, token_ids: Sequence[int], adapter: str | None = None) -> np.ndarray:
         """Float32 logits (len(token_ids), vocab) of one sequence under one adapter (None = base model)."""
         return self.batch_logits([list(token_ids)], [adapter])[0]
+
+    @property
+    def generator(self) -> Generator:
+        """The decode state of max_batch rows (allocated on first use); Engine.generate and the Scheduler drive it."""
+        if self._generator is None:
+            self._generator = Generator(self)
+        return self._generator
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt given as text (needs a tokenizer) or as ids (checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer.json: pass prompts as token ids")
+            ids = self.tokenizer.encode(prompt).ids
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        return ids
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        adapters: Sequence[str | None] | None = None,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+    ) -> list[Completion]:
+        """Complete every prompt (continuous batching over max_batch rows), each under its own adapter.
+
+        For offline use: it drives the generator itself, so do not call it while a Scheduler is serving.
+        """
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens,
+                                stop=tuple(stop), stop_token_ids=tuple(stop_token_ids))
+        params.validate(self.model_config.vocab_size)
+        requests = []
+        for prompt, adapter in zip(prompts, adapters):
+            ids = self._prompt_ids(prompt)
+            if len(ids) + max_tokens > self.config.max_seq_len:
+                raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={max_tokens} exceeds "
+                                 f"max_seq_len={self.config.max_seq_len}")
+            if adapter is not None and adapter not in self.pool.adapters:
+                raise KeyError(f"adapter {adapter!r} is not registered")
+            requests.append(Request(ids, adapter, params))
+        done = self.generator.run(requests)
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        return [Completion(r.output, decode(r.output) if decode else None, r.finish_reason) for r in done]

@@ -1,0 +1,107 @@
+"""The scheduler thread: the only code that touches the device while serving; HTTP handlers only enqueue.
+
+Each loop turn runs queued commands (adapter load/unload) and then one generation step. Listeners of a
+request are called from this thread with every new token, and once with token None when a request ends
+without one (cancelled, or failed by an internal error, which fails only the requests of that step).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import numpy as np
+
+from .generator import Generator, Request, prompt_buckets
+from .metrics import ServingMetrics
+from .sampler import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Runs the engine's Generator in a background thread, with commands executed between steps."""
+
+    def __init__(self, engine, metrics: ServingMetrics | None = None):
+        self.engine = engine
+        self.generator: Generator = engine.generator
+        self.metrics = metrics or ServingMetrics()
+        self._inbox: queue.Queue[Request] = queue.Queue()
+        self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bdlora-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; its on_token listener will be called from the scheduler thread."""
+        self._inbox.put(request)
+        self._wake.set()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run fn in the scheduler thread between steps (e.g. an adapter load) and return its future."""
+        future: Future = Future()
+        self._commands.put((fn, future))
+        self._wake.set()
+        return future
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        return len(self.generator.running), len(self.generator.waiting) + self._inbox.qsize()
+
+    def warm_up(self) -> None:
+        """Compile every prefill bucket, insert, decode and a slot write, so serving compiles nothing new."""
+        self.engine.pool.warm_up()
+        vocab = self.engine.model_config.vocab_size
+        for bucket in prompt_buckets(self.generator.max_seq_len):
+            length = min(bucket, self.generator.max_seq_len - 2)
+            prompt = list(np.arange(length) % vocab)
+            self.generator.run([Request(prompt, None, SamplingParams(temperature=0.0, max_tokens=2))])
+        self.metrics.warmed_up()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._run_commands()
+            while not self._inbox.empty():
+                self.generator.submit(self._inbox.get_nowait())
+            if not self.generator.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            before = self.generator.generated_tokens
+            try:
+                finished = self.generator.step()
+            except Exception:  # an internal error fails the requests in flight, never the server
+                log.exception("generation step failed; failing the requests in flight")
+                finished = self._fail_in_flight()
+            self.metrics.record_tokens(self.generator.generated_tokens - before)
+            for request in finished:
+                self.metrics.finished.labels(request.finish_reason).inc()
+                if request.finish_reason in ("abort", "error") and request.on_token is not None:
+                    request.on_token(request, None)
+
+    def _run_commands(self) -> None:
+        while not self._commands.empty():
+            fn, future = self._commands.get_nowait()
+            try:
+                future.set_result(fn())
+            except Exception as e:
+                future.set_exception(e)
+
+    def _fail_in_flight(self) -> list[Request]:
+        failed = [*self.generator.running.values(), *self.generator.waiting]
+        for request in failed:
+            request.finish_reason = "error"
+        self.generator.running.clear()
+        self.generator.waiting.clear()
+        return failed

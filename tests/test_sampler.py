@@ -1,0 +1,209 @@
+"""Per-row sampler: greedy rows are exact argmax, filters keep exactly the right tokens, seeds are batch-independent."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bdlora_jax.engine.sampler import SamplingParams, _top_p_keep, row_keys, sample
+
+VOCAB = 64
+ROWS = 32
+DRAWS = 8192  # distribution tests share one (DRAWS, DRAW_VOCAB) shape so they share one compile
+DRAW_VOCAB = 16
+KEYS = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(0), DRAWS)))
+
+
+def _run(logits, temperature, top_p, top_k, keys=None) -> np.ndarray:
+    rows = np.shape(logits)[0]
+    out = sample(
+        np.asarray(logits, np.float32),
+        np.broadcast_to(np.asarray(temperature, np.float32), (rows,)),
+        np.broadcast_to(np.asarray(top_p, np.float32), (rows,)),
+        np.broadcast_to(np.asarray(top_k, np.int32), (rows,)),
+        KEYS[:rows] if keys is None else keys,
+    )
+    assert out.dtype == jnp.int32 and out.shape == (rows,)
+    return np.asarray(out)
+
+
+def _random_logits(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(ROWS, VOCAB)).astype(np.float32) * 3
+
+
+def _draw_counts(logits_row, temperature=1.0, top_p=1.0, top_k=0) -> np.ndarray:
+    """Counts per token of DRAWS draws from one distribution (padded with -inf to DRAW_VOCAB), a fixed key per draw."""
+    padded = np.full(DRAW_VOCAB, -np.inf, np.float32)
+    padded[: len(logits_row)] = logits_row
+    tokens = _run(np.broadcast_to(padded, (DRAWS, DRAW_VOCAB)), temperature, top_p, top_k)
+    return np.bincount(tokens, minlength=DRAW_VOCAB)[: len(logits_row)]
+
+
+def _chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = counts.sum() * probs
+    assert np.all(counts[probs == 0] == 0), "drew a token the filters removed"
+    support = probs > 0
+    return float(np.sum((counts[support] - expected[support]) ** 2 / expected[support]))
+
+
+def test_greedy_rows_are_argmax_whatever_the_other_params():
+    logits = _random_logits(seed=0)
+    logits[3, [5, 9]] = logits[3].max() + 1  # a tie: argmax takes the lower index
+    rng = np.random.default_rng(1)
+    temperature = np.where(np.arange(ROWS) % 2 == 0, 0.0, rng.uniform(0.3, 3.0, ROWS))
+    top_p = rng.choice([1e-6, 0.3, 0.9, 1.0], ROWS)
+    top_k = rng.choice([0, 1, 5, VOCAB], ROWS)
+    tokens = _run(logits, temperature, top_p, top_k)
+    greedy = temperature == 0
+    np.testing.assert_array_equal(tokens[greedy], logits.argmax(-1)[greedy])
+    assert np.any(tokens[~greedy] != logits.argmax(-1)[~greedy])
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 0.01, 0.5, 1.0, 5.0, 1e4])
+def test_top_k_1_is_argmax_at_any_temperature(temperature):
+    logits = _random_logits(seed=2)
+    logits[0, [7, 2]] = logits[0].max() + 1
+    tokens = _run(logits, temperature, 1.0, 1)
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+
+
+def test_tiny_top_p_is_argmax():
+    logits = _random_logits(seed=3)
+    tokens = _run(logits, 3.0, 1e-6, 0)
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+
+
+def test_top_k_draws_only_the_k_largest():
+    logits_row = np.random.default_rng(4).normal(size=DRAW_VOCAB).astype(np.float32) * 0.3  # nearly flat
+    counts = _draw_counts(logits_row, top_k=5)
+    assert set(np.flatnonzero(counts)) == set(np.argsort(-logits_row)[:5])
+
+
+def test_top_k_keeps_exactly_k_when_values_tie():
+    counts = _draw_counts(np.array([3.0, 2.0, 2.0, 2.0, 1.0, 0.0], np.float32), top_k=2)
+    assert set(np.flatnonzero(counts)) == {0, 1}
+
+
+def test_top_p_draws_the_nucleus_in_proportion():
+    probs = np.array([0.3, 0.15, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05], np.float32)
+    counts = _draw_counts(np.log(probs), top_p=0.5)
+    nucleus = np.array([0.3, 0.15, 0.1, 0, 0, 0, 0, 0, 0, 0]) / 0.55  # 0.3 + 0.15 + 0.1 first reaches 0.5
+    assert _chi_square(counts, nucleus) < 13.8  # 2 degrees of freedom, p = 0.001
+
+
+def test_temperature_then_top_k_then_top_p_in_proportion():
+    logits_row = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5], np.float32)
+    counts = _draw_counts(logits_row, temperature=2.0, top_p=0.7, top_k=6)
+    probs = np.exp(logits_row[:6] / 2.0)
+    probs /= probs.sum()
+    keep = (np.cumsum(probs) - probs) < 0.7
+    assert keep.sum() == 4
+    expected = np.zeros(len(logits_row))
+    expected[:6] = np.where(keep, probs, 0) / probs[keep].sum()
+    assert _chi_square(counts, expected) < 16.3  # 3 degrees of freedom, p = 0.001
+
+
+def test_no_filter_draws_the_softmax_in_proportion():
+    logits_row = np.array([1.0, 0.5, 0.0, -0.5, -1.0, -4.0], np.float32)
+    counts = _draw_counts(logits_row, temperature=0.5)
+    probs = np.exp(logits_row / 0.5)
+    assert _chi_square(counts, probs / probs.sum()) < 20.5  # 5 degrees of freedom, p = 0.001
+
+
+def test_huge_logits_at_low_temperature_do_not_overflow():
+    counts = _draw_counts(np.array([3e38, 3e38, 1e38], np.float32), temperature=0.5)
+    assert _chi_square(counts, np.array([0.5, 0.5, 0.0])) < 10.8  # 1 degree of freedom, p = 0.001
+
+
+def test_top_p_1_keeps_the_tail_the_running_sum_rounds_away():
+    sorted_logits = jnp.array([[0.0, -20.0, -30.0]])  # in float32 the first probability alone rounds to 1
+    assert bool(jnp.all(_top_p_keep(sorted_logits, jnp.array([1.0]))))
+    np.testing.assert_array_equal(_top_p_keep(sorted_logits, jnp.array([0.999])), [[True, False, False]])
+
+
+def test_one_compile_for_any_mix_of_rows():
+    traces = []
+
+    @jax.jit
+    def step(*args):
+        traces.append(1)
+        return sample(*args)
+
+    logits = _random_logits(seed=5)
+    mixes = [(0.0, 1.0, 0), (1.0, 0.5, 3), (np.arange(ROWS) % 3 * 0.5, np.linspace(0.1, 1, ROWS), np.arange(ROWS))]
+    for temperature, top_p, top_k in mixes:
+        step(
+            logits,
+            np.broadcast_to(np.asarray(temperature, np.float32), (ROWS,)),
+            np.broadcast_to(np.asarray(top_p, np.float32), (ROWS,)),
+            np.broadcast_to(np.asarray(top_k, np.int32), (ROWS,)),
+            KEYS[:ROWS],
+        )
+    assert len(traces) == 1
+
+
+def test_row_keys_fold_the_step_into_the_seed():
+    seeds = np.arange(ROWS, dtype=np.int32) % 2 + 7
+    steps = np.arange(ROWS, dtype=np.int32) // 2
+    keys = np.asarray(row_keys(seeds, steps))
+    assert keys.shape == (ROWS, 2) and keys.dtype == np.uint32
+    np.testing.assert_array_equal(keys[5], jax.random.key_data(jax.random.fold_in(jax.random.key(8), 2)))
+    assert len({tuple(k) for k in keys}) == ROWS
+
+
+def test_same_seed_and_step_give_the_same_token_in_any_batch():
+    rng = np.random.default_rng(7)
+    logits = _random_logits(seed=6)
+    temperature, top_p, top_k = rng.uniform(0.5, 2, ROWS), rng.uniform(0.5, 1, ROWS), rng.integers(0, VOCAB, ROWS)
+    seeds, steps = rng.integers(0, 2**31 - 1, ROWS, dtype=np.int32), rng.integers(0, 1000, ROWS, dtype=np.int32)
+    batch = _run(logits, temperature, top_p, top_k, row_keys(seeds, steps))
+    row = 17
+    # the same request alone, then at row 0 of a batch of other requests
+    one = slice(row, row + 1)
+    alone = _run(logits[one], temperature[one], top_p[one], top_k[one], row_keys(seeds[one], steps[one]))
+    moved = np.roll(np.arange(ROWS), -row)
+    elsewhere = _run(
+        logits[moved], temperature[moved], top_p[moved], top_k[moved], row_keys(seeds[moved], steps[moved])
+    )
+    assert batch[row] == alone[0] == elsewhere[0]
+    np.testing.assert_array_equal(elsewhere, batch[moved])
+
+
+def test_different_seeds_or_steps_draw_differently():
+    flat = np.zeros((ROWS, VOCAB), np.float32)
+    index, zero = np.arange(ROWS, dtype=np.int32), np.zeros(ROWS, np.int32)
+    by_seed = _run(flat, 1.0, 1.0, 0, row_keys(index, zero))
+    by_step = _run(flat, 1.0, 1.0, 0, row_keys(zero, index))
+    assert len(set(by_seed)) > ROWS // 2 and len(set(by_step)) > ROWS // 2
+
+
+def test_validate_accepts_the_defaults_and_the_edges():
+    SamplingParams().validate(VOCAB)
+    edges = SamplingParams(temperature=0.0, top_p=1.0, top_k=VOCAB, max_tokens=1_000_000, stop_token_ids=(0, VOCAB - 1))
+    edges.validate(VOCAB)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("temperature", -0.1, r"temperature must be >= 0, got -0.1"),
+        ("temperature", float("nan"), r"temperature must be >= 0, got nan"),
+        ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
+        ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
+        ("top_k", -1, r"top_k must be in \[0, 64\] \(0 = off\), got -1"),
+        ("top_k", VOCAB + 1, r"top_k must be in \[0, 64\] \(0 = off\), got 65"),
+        ("max_tokens", 0, r"max_tokens must be in \[1, 1000000\], got 0"),
+        ("max_tokens", 1_000_001, r"max_tokens must be in \[1, 1000000\], got 1000001"),
+        ("stop_token_ids", (3, -1), r"stop_token_ids must be in \[0, 64\), got \[-1\]"),
+        ("stop_token_ids", (VOCAB,), r"stop_token_ids must be in \[0, 64\), got \[64\]"),
+    ],
+)
+def test_validate_names_the_bad_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value}).validate(VOCAB)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31])
+def test_seed_outside_int32_is_refused(seed):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2147483647\]"):
+        SamplingParams(seed=seed).validate(64)
