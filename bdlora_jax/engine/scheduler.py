@@ -48,6 +48,10 @@ class Scheduler:
         self._inbox.put(request)
         self._wake.set()
 
+    def wake(self) -> None:
+        """Have the loop look again (e.g. after a request was cancelled)."""
+        self._wake.set()
+
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run fn in the scheduler thread between steps (e.g. an adapter load) and return its future."""
         future: Future = Future()
