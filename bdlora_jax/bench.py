@@ -2,6 +2,7 @@
 
 Subcommands:
   comm   collectives of one compiled decode step: base model, with the strategy's adapters, and the extra.
+  serve  offline generation throughput: base only, one adapter, N distinct adapters, with ratios to base.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import bench_serve
 from .mesh import emulate_host_devices
 
 
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     comm.add_argument("--max-loras", type=int, default=8)
     comm.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     comm.add_argument("--json", action="store_true", help="print one JSON object")
+    bench_serve.add_arguments(sub.add_parser("serve", help="offline throughput with 0, 1 and N distinct adapters"))
     return parser
 
 
@@ -84,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     emulate_host_devices(args.mesh)
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, format="%(message)s")
-    if args.command == "comm":
-        report = run_comm(args)
-        if args.json:
-            print(json.dumps(report))
-        else:
-            _print_comm(report)
+    run, show = {"comm": (run_comm, _print_comm), "serve": (bench_serve.run, bench_serve.print_report)}[args.command]
+    report = run(args)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        show(report)
     return 0
 
 

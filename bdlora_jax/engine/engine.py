@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -57,9 +58,11 @@ class Engine:
                               max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype, lora_impl=lora_impl)
         if lora_impl == "pallas":
             raise ValueError("lora_impl='pallas' is not available in this build; use 'xla' or 'auto'")
-        if str(path) == "demo":
-            path = MODEL_DIR
+        demo = str(path) == "demo"
+        path = MODEL_DIR if demo else path
         model_config, tokenizer = load_model_config(path), load_tokenizer(path)
+        if demo:
+            model_config = dataclasses.replace(model_config, name="demo")
         plan = make_plan(make_mesh(mesh), strategy, model_config, max_lora_rank)
         params = load_hf_params(path, model_config, plan, jnp.dtype(dtype))
         return cls(model_config, params, config, tokenizer, plan)
