@@ -1,0 +1,68 @@
+"""`python -m bdlora_jax.train --config FILE.yaml [field=value ...]`: train, checkpoint, and export PEFT adapters."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from ..mesh import emulate_host_devices
+
+
+def load_config(path: Path | None, overrides: list[str]):
+    """A TrainConfig from a YAML file plus key=value overrides (values parsed as YAML, e.g. rank=16, mesh=1x8)."""
+    from .config import TrainConfig
+
+    data = {}
+    if path is not None:
+        loaded = yaml.safe_load(path.read_text())
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{path}: expected a mapping of training fields")
+        data.update(loaded)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"override {item!r}: expected field=value")
+        if key.split(".")[0] not in fields:
+            raise SystemExit(f"override {item!r}: unknown field {key!r}; fields are {sorted(fields)}")
+        parsed = yaml.safe_load(value) if value else ""
+        if key.startswith("adapters."):
+            data.setdefault("adapters", {})[key.split(".", 1)[1]] = str(parsed)
+        else:
+            data[key] = parsed
+    unknown = set(data) - fields
+    if unknown:
+        raise SystemExit(f"{path}: unknown field(s) {sorted(unknown)}; fields are {sorted(fields)}")
+    if "target_modules" in data:
+        data["target_modules"] = tuple(data["target_modules"])
+    if "mesh" in data:
+        data["mesh"] = str(data["mesh"])
+    return TrainConfig(**data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bdlora_jax.train", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="field=value, e.g. rank=16 mesh=1x8 adapters.upper=data.jsonl")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    emulate_host_devices(cfg.mesh)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from .trainer import Trainer
+
+    trainer = Trainer(cfg)
+    records = trainer.fit()
+    exported = trainer.export()
+    final = records[-1] if records else {}
+    print(json.dumps({"final": final, "adapters": {k: str(v) for k, v in exported.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Trainable adapter factors in their own structure (dense LoRA, or BD-LoRA with nblocks), and the bank they serve as.
+
+K adapters train together, stacked on a leading axis. Per module: A (K, d_in, r) or block-diagonal
+(K, nb, d_in/nb, r/nb); B (K, r, d_out) or block-diagonal (K, nb, r/nb, d_out/nb). `to_bank` maps them,
+differentiably, into the strategy's bank layout (slot 0 = zeros, slot k+1 = adapter k, scale folded into B),
+so training runs the very forward pass that serving runs; `export` writes them as PEFT adapters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import COLUMN_MODULES, ModelConfig
+from ..lora.adapter import LoraAdapter, ModuleFactors
+from ..lora.bank import BankLayout, bank_key
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """The structure shared by the adapters trained together."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    nblocks: int = 1
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def blocks(self, module: str) -> tuple[int, int]:
+        """(a_blocks, b_blocks): BD-LoRA makes column modules' B and row modules' A block-diagonal."""
+        if self.nblocks == 1:
+            return 1, 1
+        return (1, self.nblocks) if module in COLUMN_MODULES else (self.nblocks, 1)
+
+    def validate(self, config: ModelConfig) -> None:
+        if self.rank % self.nblocks:
+            raise ValueError(f"rank={self.rank} must be divisible by nblocks={self.nblocks}")
+        for module in self.target_modules:
+            d_in, d_out = config.module_dims(module)
+            a_blocks, b_blocks = self.blocks(module)
+            if d_in % a_blocks or d_out % b_blocks:
+                raise ValueError(f"nblocks={self.nblocks} does not divide {module}'s dimensions {(d_in, d_out)}")
+
+
+def init_factors(spec: AdapterSpec, config: ModelConfig, count: int, seed: int) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """PEFT's initialisation: A kaiming-uniform (a=sqrt(5); a=0 on the block fan-in for block-diagonal A), B zeros.
+
+    Adapter k's values depend only on (seed, k), so an adapter starts the same whether it trains alone or with others.
+    """
+    factors = {}
+    for layer in range(config.num_layers):
+        for m, module in enumerate(spec.target_modules):
+            d_in, d_out = config.module_dims(module)
+            a_blocks, b_blocks = spec.blocks(module)
+            r = spec.rank
+            if a_blocks == 1:
+                shape, bound = (d_in, r), 1.0 / math.sqrt(d_in)
+            else:
+                shape, bound = (a_blocks, d_in // a_blocks, r // a_blocks), math.sqrt(6.0 / (d_in // a_blocks))
+            keys = [jax.random.fold_in(jax.random.key(seed), (k * config.num_layers + layer) * 16 + m)
+                    for k in range(count)]
+            a = jnp.stack([jax.random.uniform(key, shape, jnp.float32, -bound, bound) for key in keys])
+            b = (jnp.zeros((count, r, d_out), jnp.float32) if b_blocks == 1
+                 else jnp.zeros((count, b_blocks, r // b_blocks, d_out // b_blocks), jnp.float32))
+            factors[bank_key(layer, module)] = (a, b)
+    return factors
+
+
+def _group_blocks(blocks: jax.Array, groups: int) -> jax.Array:
+    """(K, nb, p, q) block-diagonal pieces -> (K, groups, nb/groups·p, nb/groups·q): each group densified."""
+    k, nb, p, q = blocks.shape
+    per = nb // groups
+    grouped = blocks.reshape(k, groups, per, p, q)
+    dense = jnp.einsum("kgipq,ij->kgipjq", grouped, jnp.eye(per, dtype=blocks.dtype))
+    return dense.reshape(k, groups, per * p, per * q)
+
+
+def _dense_a(a: jax.Array) -> jax.Array:
+    return a if a.ndim == 3 else _group_blocks(a, 1)[:, 0]
+
+
+def _dense_b(b: jax.Array) -> jax.Array:
+    return b if b.ndim == 3 else _group_blocks(b, 1)[:, 0]
+
+
+def bank_rank(spec: AdapterSpec, layout_blocks: int, block_factors: bool) -> int:
+    """max_lora_rank the bank needs: r, or r·N for a dense adapter served block-diagonally on N devices."""
+    return spec.rank * layout_blocks if block_factors and spec.nblocks == 1 else spec.rank
+
+
+def to_bank(factors: dict, spec: AdapterSpec, layout: BankLayout) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """The bank (slot 0 zeros, then the K adapters) these factors serve as under the layout's strategy."""
+    n = layout.nblocks
+    bank = {}
+    for layer, module in layout.keys():
+        key = bank_key(layer, module)
+        (a_shape, _), (b_shape, _) = layout.factor_shapes(module)
+        if key not in factors:
+            bank[key] = (jnp.zeros(a_shape, jnp.dtype(layout.dtype)), jnp.zeros(b_shape, jnp.dtype(layout.dtype)))
+            continue
+        a, b = factors[key]
+        k = a.shape[0]
+        if not layout.block_factors:
+            a_bank, b_bank = _dense_a(a), _dense_b(b)
+        elif module in COLUMN_MODULES:
+            if b.ndim == 4:  # block-diagonal B: whole blocks per device, rank slices already in device order
+                a_bank, b_bank = _dense_a(a), _group_blocks(b, n)
+            else:  # dense: every device holds all of A and its output slice of B (rank r·N)
+                d_out = b.shape[2]
+                a_bank = jnp.tile(a, (1, 1, n))
+                b_bank = b.reshape(k, spec.rank, n, d_out // n).transpose(0, 2, 1, 3)
+        else:
+            if a.ndim == 4:
+                a_bank, b_bank = _group_blocks(a, n), _dense_b(b)
+            else:
+                d_in = a.shape[1]
+                a_bank = a.reshape(k, n, d_in // n, spec.rank)
+                b_bank = jnp.tile(b, (1, n, 1))
+        dtype = jnp.dtype(layout.dtype)
+        zeros_a, zeros_b = jnp.zeros((1,) + a_bank.shape[1:], dtype), jnp.zeros((1,) + b_bank.shape[1:], dtype)
+        bank[key] = (jnp.concatenate([zeros_a, a_bank.astype(dtype)]),
+                     jnp.concatenate([zeros_b, (spec.scale * b_bank).astype(dtype)]))
+    return bank
+
+
+def _packed(blocks: np.ndarray) -> np.ndarray:
+    """(nb, p, q) blocks of our (in, out)-oriented factor -> PEFT's packing (nb·q, p): block i transposed, stacked."""
+    return np.concatenate([block.T for block in blocks], axis=0)
+
+
+def export(factors: dict, spec: AdapterSpec, config: ModelConfig, names: list[str], base_model: str | None = None
+           ) -> list[LoraAdapter]:
+    """One LoraAdapter (PEFT layout) per trained adapter, ready for write_adapter."""
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), factors)
+    adapters = []
+    for index, name in enumerate(names):
+        modules = {}
+        for layer in range(config.num_layers):
+            for module in spec.target_modules:
+                a, b = host[bank_key(layer, module)]
+                a_blocks, b_blocks = spec.blocks(module)
+                peft_a = a[index].T if a_blocks == 1 else _packed(a[index])
+                peft_b = b[index].T if b_blocks == 1 else _packed(b[index])
+                modules[(layer, module)] = ModuleFactors(peft_a, peft_b, a_blocks, b_blocks)
+        bd = spec.nblocks > 1
+        adapters.append(LoraAdapter(
+            name=name, rank=spec.rank, alpha=spec.alpha, modules=modules, use_rslora=spec.use_rslora,
+            nblocks=spec.nblocks,
+            bd_a_modules=tuple(m for m in ("o_proj", "down_proj") if m in spec.target_modules) if bd else (),
+            bd_b_modules=tuple(m for m in COLUMN_MODULES if m in spec.target_modules) if bd else (),
+            base_model=base_model,
+        ))
+    return adapters

@@ -1,0 +1,198 @@
+"""Fine-tune several LoRA / BD-LoRA adapters at once on a frozen base, with the serving model, bank and strategies.
+
+The loss is the sum over adapters of each adapter's mean token loss and gradients are clipped per adapter,
+so every adapter gets exactly the update it would get training alone. Checkpoints (optax state included)
+go through orbax's CheckpointManager; a resumed run continues as if uninterrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..lora.bank import BankLayout, bank_specs
+from ..lora.peft_io import write_adapter
+from ..mesh import make_mesh
+from ..model.llama import AdapterBatch, forward
+from ..sharding import make_plan
+from .config import TrainConfig
+from .data import draw, pad_batch, read_jsonl, split
+from .factors import AdapterSpec, bank_rank, export, init_factors, to_bank
+
+
+class TrainState(NamedTuple):
+    factors: dict
+    opt_state: optax.OptState
+
+
+def clip_by_adapter_norm(max_norm: float) -> optax.GradientTransformation:
+    """Clip each adapter's gradient (the slice k of every leaf) to its own global norm, independently."""
+
+    def update(updates, state, params=None):
+        leaves = jax.tree.leaves(updates)
+        squares = sum(jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1) for x in leaves)
+        factor = jnp.minimum(1.0, max_norm / jnp.maximum(jnp.sqrt(squares), 1e-12))
+        return jax.tree.map(lambda x: x * factor.reshape((-1,) + (1,) * (x.ndim - 1)), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Per-adapter clipping, then AdamW with linear warm-up and cosine decay."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps),
+                                                  max(cfg.steps, cfg.warmup_steps + 1))
+    return optax.chain(clip_by_adapter_norm(cfg.max_grad_norm), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+class Trainer:
+    """Holds the frozen base on its mesh, the datasets and the trainable factors of every adapter."""
+
+    def __init__(self, cfg: TrainConfig):
+        from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
+        from ..demo import MODEL_DIR
+
+        self.cfg = cfg
+        path = MODEL_DIR if cfg.model == "demo" else Path(cfg.model)
+        self.model_config = load_model_config(path)
+        self.tokenizer = load_tokenizer(path)
+        if self.tokenizer is None:
+            raise ValueError(f"{path}: training needs a tokenizer.json")
+        self.spec = AdapterSpec(rank=cfg.rank, alpha=cfg.alpha, target_modules=tuple(cfg.target_modules),
+                                nblocks=cfg.nblocks if cfg.kind == "bdlora" else 1, use_rslora=cfg.use_rslora)
+        self.spec.validate(self.model_config)
+        self.names = list(cfg.adapters)
+        mesh = make_mesh(cfg.mesh)
+        n = mesh.shape["model"]
+        block_factors = cfg.strategy == "bdlora"
+        rank = bank_rank(self.spec, n, block_factors)
+        self.plan = make_plan(mesh, cfg.strategy, self.model_config, rank)
+        self.layout = BankLayout(self.model_config, len(self.names) + 1, rank, n, block_factors, cfg.dtype)
+        self.graphdef, self.state = load_hf_params(path, self.model_config, self.plan, jnp.dtype(cfg.dtype))
+        self.train_sets, self.eval_sets = {}, {}
+        eos = self.model_config.eos_token_ids[0] if self.model_config.eos_token_ids else None
+        for i, (name, data) in enumerate(cfg.adapters.items()):
+            examples = read_jsonl(data, self.tokenizer, self.model_config.bos_token_id, eos, cfg.seq_len + 1)
+            self.train_sets[name], self.eval_sets[name] = split(examples, cfg.eval_fraction, cfg.seed + i)
+        self.pad = eos if eos is not None else 0
+        self.optimizer = make_optimizer(cfg)
+        factors = init_factors(self.spec, self.model_config, len(self.names), cfg.seed)
+        self.train_state = TrainState(factors, self.optimizer.init(factors))
+        self._step = jax.jit(self._train_step, donate_argnums=(0,))
+        self._eval = jax.jit(self._loss_sums)
+
+    def _loss_sums(self, factors, inputs, targets, weights, slots):
+        """Each adapter's summed token loss and token count over the rows that use it, (K,) each."""
+        specs = bank_specs(self.layout, self.plan)
+        bank = to_bank(factors, self.spec, self.layout)
+        bank = {k: tuple(jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.plan.mesh, s))
+                         for x, s in zip(pair, specs[k])) for k, pair in bank.items()}
+        start = jnp.zeros((inputs.shape[0],), jnp.int32)
+        logits, _ = forward(self.graphdef, self.state, inputs, start, None, AdapterBatch(bank, slots))
+        token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights
+        k = len(self.names)
+        sums = jax.ops.segment_sum(token_loss.sum(axis=1), slots - 1, num_segments=k)
+        counts = jax.ops.segment_sum(weights.sum(axis=1), slots - 1, num_segments=k)
+        return sums, counts
+
+    def _train_step(self, train_state: TrainState, inputs, targets, weights, slots):
+        def total(factors):
+            sums, counts = self._loss_sums(factors, inputs, targets, weights, slots)
+            losses = sums / jnp.maximum(counts, 1.0)
+            return losses.sum(), losses
+
+        (_, losses), grads = jax.value_and_grad(total, has_aux=True)(train_state.factors)
+        updates, opt_state = self.optimizer.update(grads, train_state.opt_state, train_state.factors)
+        return TrainState(optax.apply_updates(train_state.factors, updates), opt_state), losses
+
+    def _arrays(self, rows, slots):
+        inputs, targets, weights = pad_batch(rows, self.cfg.seq_len, self.pad)
+        batch = self.plan.sharding(("batch", "seq"))
+        put = partial(jax.device_put, device=batch)
+        return (put(inputs), put(targets), put(weights),
+                jax.device_put(np.asarray(slots, np.int32), self.plan.sharding(("batch",))))
+
+    def batch(self, step: int):
+        """Batch `step`: per_adapter examples of every adapter, rows tagged with the adapter's slot."""
+        per = self.cfg.batch_size // len(self.names)
+        rows, slots = [], []
+        for i, name in enumerate(self.names):
+            rows += draw(self.train_sets[name], step, per, self.cfg.seed + 1000 * i)
+            slots += [i + 1] * per
+        return self._arrays(rows, slots)
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean held-out token loss of each adapter (rows padding a chunk to the data axis carry no weight)."""
+        totals = {}
+        chunk_rows = 16 * self.plan.data_size
+        for i, name in enumerate(self.names):
+            held = self.eval_sets[name]
+            loss_sum, token_count = 0.0, 0.0
+            for start in range(0, len(held), chunk_rows):
+                chunk = held[start:start + chunk_rows]
+                filler = -len(chunk) % self.plan.data_size
+                inputs, targets, weights, slots = self._arrays(chunk + chunk[:1] * filler, [i + 1] * (len(chunk) + filler))
+                if filler:
+                    weights = weights.at[len(chunk):].set(0.0)
+                sums, counts = self._eval(self.train_state.factors, inputs, targets, weights, slots)
+                loss_sum, token_count = loss_sum + float(sums[i]), token_count + float(counts[i])
+            if token_count:
+                totals[name] = loss_sum / token_count
+        return totals
+
+    def fit(self, steps: int | None = None, progress: bool = True) -> list[dict]:
+        """Train (resuming from the latest checkpoint in out_dir), logging metrics.jsonl; returns this call's records."""
+        import orbax.checkpoint as ocp
+        from tqdm import tqdm
+
+        out = Path(self.cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        manager = ocp.CheckpointManager(
+            (out / "checkpoints").resolve(),
+            options=ocp.CheckpointManagerOptions(save_interval_steps=self.cfg.save_every,
+                                                 max_to_keep=self.cfg.keep_last),
+        )
+        first = 0
+        if manager.latest_step() is not None:
+            first = manager.latest_step()
+            restored = manager.restore(first, args=ocp.args.StandardRestore(self.train_state._asdict()))
+            self.train_state = TrainState(**restored)
+        last = min(steps if steps is not None else self.cfg.steps, self.cfg.steps)
+        records = []
+        with (out / "metrics.jsonl").open("a") as log, tqdm(range(first, last), disable=not progress,
+                                                             desc="train", initial=first, total=last) as bar:
+            for step in bar:
+                started = time.perf_counter()
+                self.train_state, losses = self._step(self.train_state, *self.batch(step))
+                losses = np.asarray(losses)
+                record = {"step": step + 1, "loss": float(losses.mean()),
+                          "adapter_loss": dict(zip(self.names, map(float, losses))),
+                          "seconds": time.perf_counter() - started}
+                if (step + 1) % self.cfg.eval_every == 0 or step + 1 == self.cfg.steps:
+                    record["eval_loss"] = self.evaluate()
+                manager.save(step + 1, args=ocp.args.StandardSave(self.train_state._asdict()))
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                records.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+        manager.wait_until_finished()
+        manager.close()
+        return records
+
+    def export(self, out_dir: str | Path | None = None) -> dict[str, Path]:
+        """Write every trained adapter as a PEFT directory under out_dir/adapters (or out_dir)."""
+        root = Path(out_dir) if out_dir is not None else Path(self.cfg.out_dir) / "adapters"
+        adapters = export(self.train_state.factors, self.spec, self.model_config, self.names,
+                          base_model=None if self.cfg.model == "demo" else str(self.cfg.model))
+        return {a.name: write_adapter(a, root / a.name) for a in adapters}
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
