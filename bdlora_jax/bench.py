@@ -3,6 +3,9 @@
 Subcommands:
   comm   collectives of one compiled decode step: base model, with the strategy's adapters, and the extra.
   serve  offline generation throughput: base only, one adapter, N distinct adapters, with ratios to base.
+  kernel one layer's per-device LoRA timed for the Pallas kernels, the XLA gather, a one-hot einsum and
+         lax.ragged_dot, with achieved bandwidth against the device's peak (needs a GPU; says so otherwise).
+  lower  the Triton kernels of one decode step with lora_impl="pallas", lowered for CUDA (no GPU needed).
 """
 
 from __future__ import annotations
@@ -65,6 +68,53 @@ def _print_comm(report: dict) -> None:
               "their bytes are float32 bytes")
 
 
+def run_kernel(args: argparse.Namespace) -> dict:
+    """Time the LoRA implementations for every rank, adapter count and mode (bench_kernel.kernel_report)."""
+    from .bench_kernel import kernel_report
+
+    config = _model_config(args.model)
+    report = kernel_report(config, args.strategy, args.model_size, args.ranks, args.adapters,
+                           {"decode": args.decode_tokens, "prefill": args.prefill_tokens}, args.dtype, args.iters)
+    report["setup"] = {"model": config.name, "strategy": args.strategy, "model_size": args.model_size,
+                       "ranks": args.ranks, "adapters": args.adapters, "decode_tokens": args.decode_tokens,
+                       "prefill_tokens": args.prefill_tokens, "dtype": args.dtype, "iters": args.iters}
+    return report
+
+
+def run_lower(args: argparse.Namespace) -> dict:
+    """Lower the pallas decode step for a GPU platform and list its Triton kernels (bench_kernel.lower_report)."""
+    from .bench_kernel import lower_report
+    from .comm import DecodeShape
+    from .mesh import make_mesh
+    from .sharding import make_plan
+
+    config = _model_config(args.model)
+    plan = make_plan(make_mesh(args.mesh), args.strategy, config, args.rank)
+    shape = DecodeShape(batch=args.batch, max_seq_len=args.seq_len, max_loras=args.max_loras, rank=args.rank,
+                        dtype=args.dtype)
+    report = lower_report(config, plan, shape, args.platform)
+    report["setup"] = {"model": config.name, "layers": config.num_layers, "mesh": args.mesh,
+                       "strategy": args.strategy, "rank": args.rank, "batch": args.batch,
+                       "seq_len": args.seq_len, "max_loras": args.max_loras, "dtype": args.dtype}
+    return report
+
+
+def _print_kernel(report: dict) -> None:
+    from .bench_kernel import format_kernel_report
+
+    print(format_kernel_report(report))
+
+
+def _print_lower(report: dict) -> None:
+    from .bench_kernel import format_lower_report
+
+    print(format_lower_report(report))
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bdlora_jax.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,14 +130,37 @@ def build_parser() -> argparse.ArgumentParser:
     comm.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     comm.add_argument("--json", action="store_true", help="print one JSON object")
     bench_serve.add_arguments(sub.add_parser("serve", help="offline throughput with 0, 1 and N distinct adapters"))
+    kernel = sub.add_parser("kernel", help="time the LoRA kernels against XLA alternatives (GPU)")
+    kernel.add_argument("--model", default="configs/models/llama-3.1-8b.yaml")
+    kernel.add_argument("--strategy", default="bdlora", choices=("replicated", "slora", "bdlora"))
+    kernel.add_argument("--model-size", type=int, default=8, help="model-axis size whose per-device shapes are timed")
+    kernel.add_argument("--ranks", type=_int_list, default=[8, 16, 32, 64, 128], help="max_lora_rank values, e.g. 8,16")
+    kernel.add_argument("--adapters", type=_int_list, default=[1, 4, 16, 64, 256], help="distinct adapters per batch")
+    kernel.add_argument("--decode-tokens", type=int, default=256, help="decode rows (one token each)")
+    kernel.add_argument("--prefill-tokens", type=int, default=2048, help="prompt tokens of one prefill")
+    kernel.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    kernel.add_argument("--iters", type=int, default=20, help="timed calls per measurement (the median is reported)")
+    kernel.add_argument("--json", action="store_true", help="print one JSON object")
+    lower = sub.add_parser("lower", help="list the Triton kernels of a pallas decode step lowered for a GPU")
+    lower.add_argument("--model", default="configs/models/llama-3.1-8b.yaml")
+    lower.add_argument("--mesh", default="1x8")
+    lower.add_argument("--strategy", default="bdlora", choices=("replicated", "slora", "bdlora"))
+    lower.add_argument("--rank", type=int, default=16, help="max_lora_rank of the adapter bank")
+    lower.add_argument("--batch", type=int, default=16)
+    lower.add_argument("--seq-len", type=int, default=2048)
+    lower.add_argument("--max-loras", type=int, default=8)
+    lower.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    lower.add_argument("--platform", default="cuda", choices=("cuda",), help="the GPU platform to lower for")
+    lower.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    emulate_host_devices(args.mesh)
+    emulate_host_devices(getattr(args, "mesh", "1x1"))
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, format="%(message)s")
-    run, show = {"comm": (run_comm, _print_comm), "serve": (bench_serve.run, bench_serve.print_report)}[args.command]
+    run, show = {"comm": (run_comm, _print_comm), "serve": (bench_serve.run, bench_serve.print_report),
+                 "kernel": (run_kernel, _print_kernel), "lower": (run_lower, _print_lower)}[args.command]
     report = run(args)
     if args.json:
         print(json.dumps(report))

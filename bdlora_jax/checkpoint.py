@@ -77,13 +77,13 @@ def _hf_name(path: tuple, config: ModelConfig) -> tuple[str, bool]:
     return f"model.layers.{layer}.{parent}.{name}.weight", True
 
 
-def load_hf_params(path: str | Path, config: ModelConfig, plan: ShardingPlan, dtype=jnp.float32):
+def load_hf_params(path: str | Path, config: ModelConfig, plan: ShardingPlan, dtype=jnp.float32, lora_impl: str = "xla"):
     """(graphdef, state) of a Llama with weights read from a HF checkpoint straight into their shardings."""
     from safetensors import safe_open
 
     path = Path(path)
     files = _weight_files(path)
-    graphdef, abstract_state = abstract_model(config, plan, dtype)
+    graphdef, abstract_state = abstract_model(config, plan, dtype, lora_impl=lora_impl)
     handles: dict[Path, object] = {}
 
     def open_file(file: Path):

@@ -114,3 +114,11 @@ def test_bfloat16_weights_stay_within_bfloat16_error(hf_dir, reference, mesh, st
         # bfloat16 keeps 8 mantissa bits (unit roundoff 2^-8); through two layers the logits stay within 2^-5
         relative = np.linalg.norm(got - reference[key]) / np.linalg.norm(reference[key])
         assert relative < 2 ** -5, relative
+
+
+def test_pallas_lora_impl_matches_peft(hf_dir, reference):
+    # without a GPU, lora_impl="pallas" runs the Triton kernels in Pallas interpret mode
+    eng = Engine.from_pretrained(hf_dir / "model", mesh="1x2", strategy="bdlora", max_loras=1, max_lora_rank=8,
+                                 lora_impl="pallas")
+    eng.add_adapter("bd", hf_dir / "adapters" / "bdlora_nb2_r8")
+    np.testing.assert_allclose(_batch(eng, reference, "bd"), reference["logits_bdlora_nb2_r8"], atol=1e-4, rtol=0)

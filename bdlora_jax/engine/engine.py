@@ -15,6 +15,7 @@ from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
 from ..config import EngineConfig, ModelConfig
 from ..lora.adapter import LoraAdapter
 from ..lora.bank import BankLayout
+from ..lora.linear import resolve_impl
 from ..lora.peft_io import read_adapter
 from ..mesh import make_mesh
 from ..model.llama import AdapterBatch, forward
@@ -56,15 +57,14 @@ class Engine:
         """Load a HF Llama directory (or "demo": the small Llama shipped in the package) onto a "DxM" mesh."""
         config = EngineConfig(mesh=mesh, strategy=strategy, max_loras=max_loras, max_lora_rank=max_lora_rank,
                               max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype, lora_impl=lora_impl)
-        if lora_impl == "pallas":
-            raise ValueError("lora_impl='pallas' is not available in this build; use 'xla' or 'auto'")
         demo = str(path) == "demo"
         path = MODEL_DIR if demo else path
         model_config, tokenizer = load_model_config(path), load_tokenizer(path)
         if demo:
             model_config = dataclasses.replace(model_config, name="demo")
         plan = make_plan(make_mesh(mesh), strategy, model_config, max_lora_rank)
-        params = load_hf_params(path, model_config, plan, jnp.dtype(dtype))
+        impl = resolve_impl(lora_impl, plan.mesh.devices.flat[0].platform)
+        params = load_hf_params(path, model_config, plan, jnp.dtype(dtype), lora_impl=impl)
         return cls(model_config, params, config, tokenizer, plan)
 
     @property

@@ -5,6 +5,11 @@ into B. What each device holds follows from the PartitionSpecs that the strategy
 and so do the collectives: a rank-sliced x·A that meets a full-rank B is all-gathered (S-LoRA column
 modules), a partial-sum x·A that meets an output-sharded B is all-reduced (S-LoRA row modules), and
 everything else stays local, folding row-parallel partial sums into the base model's one all-reduce.
+
+Two implementations of the per-device adapter math run inside the same shard_map (`impl`): "xla" gathers
+each row's factors and multiplies with einsums; "pallas" runs the Triton kernels of bdlora_jax.kernels
+(decode kernels for one-token rows, grouped prefill kernels otherwise), and "pallas_interpret" runs those
+kernels in Pallas interpret mode, which needs no GPU. The collectives are the same for all three.
 """
 
 from __future__ import annotations
@@ -15,9 +20,26 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from ..kernels import bgmv_expand, bgmv_shrink, group_by_slot, sgmv_expand, sgmv_shrink
 from ..mesh import MODEL
 
 PARTIAL, SLICE, FULL = "partial", "slice", "full"
+IMPLS = ("xla", "pallas", "pallas_interpret")
+
+
+def resolve_impl(lora_impl: str, platform: str) -> str:
+    """The `impl` a model runs for a user's lora_impl ("xla", "pallas", "auto") on a device platform.
+
+    "auto" is the Triton kernels on GPU and XLA elsewhere; "pallas" where there is no GPU is the same kernels
+    in interpret mode (slow, for checking), since Triton code needs a GPU to run.
+    """
+    if lora_impl == "auto":
+        return "pallas" if platform == "gpu" else "xla"
+    if lora_impl == "pallas":
+        return "pallas" if platform == "gpu" else "pallas_interpret"
+    if lora_impl == "xla":
+        return "xla"
+    raise ValueError(f"lora_impl={lora_impl!r}: expected one of ('xla', 'pallas', 'auto')")
 
 
 @dataclass(frozen=True)
@@ -50,6 +72,15 @@ class LoraLayout:
         return cls(a_block, b_block, gather_rank, reduce_rank, output)
 
 
+def _join_rank(h: jax.Array, layout: LoraLayout) -> jax.Array:
+    """The strategy's collective on the rank-sized x·A (last axis = rank): S-LoRA's all-gather or psum, else none."""
+    if layout.gather_rank:
+        h = jax.lax.all_gather(h, MODEL, axis=h.ndim - 1, tiled=True)
+    if layout.reduce_rank:
+        h = jax.lax.psum(h, MODEL)
+    return h
+
+
 def _lora_delta(x: jax.Array, slots: jax.Array, a: jax.Array, b: jax.Array, layout: LoraLayout) -> jax.Array:
     """Per-device LoRA contribution for rows that each use their own slot; h is kept in float32."""
     batch, seq = x.shape[:2]
@@ -59,17 +90,47 @@ def _lora_delta(x: jax.Array, slots: jax.Array, a: jax.Array, b: jax.Array, layo
         h = jnp.einsum("bsnd,bndr->bsnr", xb, a_rows, preferred_element_type=jnp.float32).reshape(batch, seq, -1)
     else:
         h = jnp.einsum("bsd,bdr->bsr", x, a_rows, preferred_element_type=jnp.float32)
-    if layout.gather_rank:
-        h = jax.lax.all_gather(h, MODEL, axis=2, tiled=True)
-    if layout.reduce_rank:
-        h = jax.lax.psum(h, MODEL)
-    h = h.astype(b.dtype)
+    h = _join_rank(h, layout).astype(b.dtype)
     if layout.b_block:
         hb = h.reshape(batch, seq, b_rows.shape[1], b_rows.shape[2])
         y = jnp.einsum("bsnr,bnro->bsno", hb, b_rows, preferred_element_type=jnp.float32).reshape(batch, seq, -1)
     else:
         y = jnp.einsum("bsr,bro->bso", h, b_rows, preferred_element_type=jnp.float32)
     return y
+
+
+def _lora_pallas(x: jax.Array, y: jax.Array, slots: jax.Array, a: jax.Array, b: jax.Array, layout: LoraLayout,
+                 into_slice: bool, interpret: bool) -> jax.Array:
+    """Per-device LoRA added into the float32 base output y by the kernels; into_slice: y is a full partial sum.
+
+    Rows of one token (decode) use the BGMV kernels with each row's slot; longer rows are grouped by slot for
+    the SGMV kernels. A dense factor is the one-block case of the kernels' block-diagonal layout.
+    """
+    batch, seq = x.shape[:2]
+    tokens = batch * seq
+    a4 = a if layout.a_block else a[:, None]
+    b4 = b if layout.b_block else b[:, None]
+    xt = x.reshape(tokens, a4.shape[1], a4.shape[2])
+    if seq == 1:
+        h = bgmv_shrink(xt, a4, slots, interpret=interpret)
+    else:
+        order, group_sizes = group_by_slot(jnp.repeat(slots, seq), a.shape[0])
+        h = sgmv_shrink(xt, a4, order, group_sizes, interpret=interpret)
+    h = _join_rank(h.reshape(tokens, -1), layout).astype(b.dtype).reshape(tokens, b4.shape[1], b4.shape[2])
+
+    def expand(target: jax.Array) -> jax.Array:
+        blocks = target.reshape(tokens, b4.shape[1], b4.shape[3])
+        if seq == 1:
+            return bgmv_expand(h, b4, slots, blocks, interpret=interpret).reshape(target.shape)
+        return sgmv_expand(h, b4, order, group_sizes, blocks, interpret=interpret).reshape(target.shape)
+
+    yt = y.reshape(tokens, -1)
+    if not into_slice:
+        return expand(yt).reshape(y.shape)
+    width = b4.shape[1] * b4.shape[3]
+    offset = jax.lax.axis_index(MODEL) * width
+    own = expand(jax.lax.dynamic_slice_in_dim(yt, offset, width, axis=1))
+    return jax.lax.dynamic_update_slice_in_dim(yt, own, offset, axis=1).reshape(y.shape)
 
 
 def _place_slice(y: jax.Array, n: int) -> jax.Array:
@@ -91,8 +152,11 @@ def adapted_linear(
     out_spec: PartitionSpec,
     factor_specs: tuple[PartitionSpec, PartitionSpec] | None,
     slot_spec: PartitionSpec,
+    impl: str = "xla",
 ) -> jax.Array:
     """x (batch, seq, d_in) · w (d_in, d_out) plus each row's adapter; row-parallel sums end in one psum."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
     row_parallel = w_spec[0] == MODEL if len(w_spec) else False
     base_output = PARTIAL if row_parallel else (SLICE if len(w_spec) > 1 and w_spec[1] == MODEL else FULL)
     n = mesh.shape[MODEL]
@@ -109,13 +173,20 @@ def adapted_linear(
     if layout.output != base_output and not (base_output == PARTIAL and layout.output == SLICE):
         raise ValueError(f"LoRA output {layout.output} cannot join a {base_output} base output ({w_spec})")
 
+    into_slice = base_output == PARTIAL and layout.output == SLICE
+
     def local(x, w, slots, a, b):
         y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-        delta = _lora_delta(x, slots, a, b, layout)
-        if base_output == PARTIAL and layout.output == SLICE:
-            delta = _place_slice(delta, n)
-        y = (y + delta).astype(x.dtype)
+        if impl == "xla":
+            delta = _lora_delta(x, slots, a, b, layout)
+            y = y + (_place_slice(delta, n) if into_slice else delta)
+        else:
+            y = _lora_pallas(x, y, slots, a, b, layout, into_slice, interpret=impl == "pallas_interpret")
+        y = y.astype(x.dtype)
         return jax.lax.psum(y, MODEL) if row_parallel else y
 
     in_specs = (x_spec, w_spec, slot_spec, factor_specs[0], factor_specs[1])
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec)(x, w, slots, a, b)
+    # A pallas_call's outputs carry no varying-axes type, so the kernels' shard_map skips that check (as JAX's own
+    # Pallas GPU ops do); the specs above still say exactly what each device holds.
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=impl == "xla")(
+        x, w, slots, a, b)

@@ -80,13 +80,18 @@ class RMSNorm(nnx.Module):
 
 
 class Linears(nnx.Module):
-    """The adapted linear weights of one layer, (d_in, d_out) each, applied with the layer's bank slice."""
+    """The adapted linear weights of one layer, (d_in, d_out) each, applied with the layer's bank slice.
 
-    def __init__(self, config: ModelConfig, modules: tuple[str, ...], plan: ShardingPlan, dtype, rngs: nnx.Rngs):
+    lora_impl is lora.linear's `impl`: "xla", "pallas" (Triton kernels) or "pallas_interpret".
+    """
+
+    def __init__(self, config: ModelConfig, modules: tuple[str, ...], plan: ShardingPlan, dtype, rngs: nnx.Rngs,
+                 lora_impl: str = "xla"):
         for module in modules:
             d_in, d_out = config.module_dims(module)
             setattr(self, module, _param(rngs, (d_in, d_out), weight_axes(module), dtype, d_in ** -0.5))
         self.plan = plan
+        self.lora_impl = lora_impl
 
     def apply(self, module: str, x: jax.Array, layer: int, adapters: AdapterBatch | None) -> jax.Array:
         plan = self.plan
@@ -107,20 +112,22 @@ class Linears(nnx.Module):
             out_spec=plan.spec(("batch", "seq", w_axes[1])),
             factor_specs=factor_specs,
             slot_spec=plan.spec(("batch",)),
+            impl=self.lora_impl,
         )
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm attention + SwiGLU MLP block."""
 
-    def __init__(self, config: ModelConfig, index: int, plan: ShardingPlan, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, index: int, plan: ShardingPlan, dtype, rngs: nnx.Rngs,
+                 lora_impl: str = "xla"):
         self.index = index
         self.config = config
         self.plan = plan
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.attn = Linears(config, ("q_proj", "k_proj", "v_proj", "o_proj"), plan, dtype, rngs)
-        self.mlp = Linears(config, ("gate_proj", "up_proj", "down_proj"), plan, dtype, rngs)
+        self.attn = Linears(config, ("q_proj", "k_proj", "v_proj", "o_proj"), plan, dtype, rngs, lora_impl)
+        self.mlp = Linears(config, ("gate_proj", "up_proj", "down_proj"), plan, dtype, rngs, lora_impl)
 
     def _constrain(self, x: jax.Array, axes: tuple) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.plan.sharding(axes))
@@ -179,11 +186,13 @@ class DecoderLayer(nnx.Module):
 class Llama(nnx.Module):
     """The decoder: embeddings, layers, final norm and LM head (tied to the embeddings if configured)."""
 
-    def __init__(self, config: ModelConfig, plan: ShardingPlan, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, plan: ShardingPlan, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 lora_impl: str = "xla"):
         self.config = config
         self.plan = plan
         self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype, 1.0)
-        self.layers = nnx.List([DecoderLayer(config, i, plan, dtype, rngs) for i in range(config.num_layers)])
+        self.layers = nnx.List([DecoderLayer(config, i, plan, dtype, rngs, lora_impl)
+                                for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), dtype,
@@ -222,26 +231,29 @@ def param_shardings(abstract_state: nnx.State, plan: ShardingPlan):
     )
 
 
-def abstract_model(config: ModelConfig, plan: ShardingPlan, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's graph and parameter shapes, nothing allocated."""
-    return nnx.split(nnx.eval_shape(lambda: Llama(config, plan, dtype=dtype, rngs=nnx.Rngs(0))))
+def abstract_model(config: ModelConfig, plan: ShardingPlan, dtype=jnp.float32,
+                   lora_impl: str = "xla") -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and parameter shapes, nothing allocated; lora_impl only changes the graph, not the state."""
+    return nnx.split(nnx.eval_shape(lambda: Llama(config, plan, dtype=dtype, rngs=nnx.Rngs(0), lora_impl=lora_impl)))
 
 
-def init_model(config: ModelConfig, plan: ShardingPlan, dtype=jnp.float32, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+def init_model(config: ModelConfig, plan: ShardingPlan, dtype=jnp.float32, seed: int = 0,
+               lora_impl: str = "xla") -> tuple[nnx.GraphDef, nnx.State]:
     """Random weights (for tests, the demo and benchmarks), created directly in their shardings."""
-    graphdef, abstract_state = abstract_model(config, plan, dtype)
+    graphdef, abstract_state = abstract_model(config, plan, dtype, lora_impl)
     shardings = param_shardings(abstract_state, plan)
 
     def make():
-        return nnx.state(Llama(config, plan, dtype=dtype, rngs=nnx.Rngs(seed)))
+        return nnx.state(Llama(config, plan, dtype=dtype, rngs=nnx.Rngs(seed), lora_impl=lora_impl))
 
     state = jax.jit(make, out_shardings=shardings)()
     return graphdef, state
 
 
-def place_params(config: ModelConfig, plan: ShardingPlan, host_state: nnx.State) -> tuple[nnx.GraphDef, nnx.State]:
+def place_params(config: ModelConfig, plan: ShardingPlan, host_state: nnx.State,
+                 lora_impl: str = "xla") -> tuple[nnx.GraphDef, nnx.State]:
     """Put parameter values (e.g. from another mesh or from the host) into this plan's shardings."""
-    graphdef, abstract_state = abstract_model(config, plan, jax.tree.leaves(host_state)[0].dtype)
+    graphdef, abstract_state = abstract_model(config, plan, jax.tree.leaves(host_state)[0].dtype, lora_impl)
     state = jax.tree.map(
         lambda v, host: v.replace(jax.device_put(np.asarray(host[...]), plan.sharding(v.get_metadata()["logical_axes"]))),
         abstract_state, host_state, is_leaf=lambda x: isinstance(x, nnx.Variable),

@@ -1,0 +1,5 @@
+"""Multi-adapter LoRA shrink/expand: Pallas Triton GPU kernels and the pure-jnp reference they are tested against."""
+
+from .lora_triton import Config, bgmv_expand, bgmv_shrink, group_by_slot, heuristic_config, sgmv_expand, sgmv_shrink
+
+__all__ = ["Config", "bgmv_expand", "bgmv_shrink", "group_by_slot", "heuristic_config", "sgmv_expand", "sgmv_shrink"]
