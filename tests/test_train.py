@@ -137,3 +137,15 @@ def test_config_file_and_overrides(tmp_path, datasets):
         TrainConfig(adapters=datasets, batch_size=3)
     with pytest.raises(ValueError, match="unknown module"):
         TrainConfig(adapters=datasets, target_modules=("w1",))
+
+
+def test_lora_dropout_is_the_same_on_every_mesh(datasets, tmp_path):
+    # warm-up starts at learning rate 0, so B is nonzero (and dropout visible in the loss) from step 3 on
+    plain = Trainer(_config(datasets, tmp_path / "plain", steps=3)).fit(progress=False)
+    one = Trainer(_config(datasets, tmp_path / "one", steps=3, dropout=0.3)).fit(progress=False)
+    sharded = Trainer(_config(datasets, tmp_path / "eight", steps=3, dropout=0.3, mesh="2x4",
+                              strategy="slora")).fit(progress=False)
+    assert abs(one[2]["loss"] - plain[2]["loss"]) > 1e-4
+    np.testing.assert_allclose([r["loss"] for r in sharded], [r["loss"] for r in one], rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="dropout=1.0"):
+        TrainConfig(adapters=datasets, dropout=1.0)

@@ -133,6 +133,15 @@ def _lora_pallas(x: jax.Array, y: jax.Array, slots: jax.Array, a: jax.Array, b: 
     return jax.lax.dynamic_update_slice_in_dim(yt, own, offset, axis=1).reshape(y.shape)
 
 
+def _dropout_mask(key: jax.Array, rate: jax.Array, x: jax.Array, x_spec: PartitionSpec, mesh) -> jax.Array:
+    """This device's slice of one global LoRA-dropout mask over x, so every mesh drops the same entries."""
+    axes = tuple(x_spec) + (None,) * (x.ndim - len(x_spec))
+    sizes = [mesh.shape[a] if a is not None else 1 for a in axes]
+    keep = jax.random.bernoulli(key, 1.0 - rate, tuple(d * s for d, s in zip(x.shape, sizes)))
+    starts = [jax.lax.axis_index(a) * d if a is not None else 0 for a, d in zip(axes, x.shape)]
+    return jax.lax.dynamic_slice(keep, starts, x.shape)
+
+
 def _place_slice(y: jax.Array, n: int) -> jax.Array:
     """Put this device's exact output slice into a zero (…, n·width) partial-sum buffer at its offset."""
     width = y.shape[-1]
@@ -153,10 +162,16 @@ def adapted_linear(
     factor_specs: tuple[PartitionSpec, PartitionSpec] | None,
     slot_spec: PartitionSpec,
     impl: str = "xla",
+    dropout: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """x (batch, seq, d_in) · w (d_in, d_out) plus each row's adapter; row-parallel sums end in one psum."""
+    """x (batch, seq, d_in) · w (d_in, d_out) plus each row's adapter; row-parallel sums end in one psum.
+
+    dropout = (key, rate) applies LoRA dropout to the adapter's input (training only; XLA path).
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+    if dropout is not None and impl != "xla":
+        raise ValueError("LoRA dropout is a training feature of the xla implementation")
     row_parallel = w_spec[0] == MODEL if len(w_spec) else False
     base_output = PARTIAL if row_parallel else (SLICE if len(w_spec) > 1 and w_spec[1] == MODEL else FULL)
     n = mesh.shape[MODEL]
@@ -175,18 +190,24 @@ def adapted_linear(
 
     into_slice = base_output == PARTIAL and layout.output == SLICE
 
-    def local(x, w, slots, a, b):
+    def local(x, w, slots, a, b, dropout):
         y = jnp.dot(x, w, preferred_element_type=jnp.float32)
         if impl == "xla":
-            delta = _lora_delta(x, slots, a, b, layout)
+            x_lora = x
+            if dropout is not None:
+                key, rate = dropout
+                keep = _dropout_mask(key, rate, x, x_spec, mesh)
+                x_lora = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+            delta = _lora_delta(x_lora, slots, a, b, layout)
             y = y + (_place_slice(delta, n) if into_slice else delta)
         else:
             y = _lora_pallas(x, y, slots, a, b, layout, into_slice, interpret=impl == "pallas_interpret")
         y = y.astype(x.dtype)
         return jax.lax.psum(y, MODEL) if row_parallel else y
 
-    in_specs = (x_spec, w_spec, slot_spec, factor_specs[0], factor_specs[1])
+    in_specs = (x_spec, w_spec, slot_spec, factor_specs[0], factor_specs[1],
+                None if dropout is None else (PartitionSpec(), PartitionSpec()))
     # A pallas_call's outputs carry no varying-axes type, so the kernels' shard_map skips that check (as JAX's own
     # Pallas GPU ops do); the specs above still say exactly what each device holds.
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=impl == "xla")(
-        x, w, slots, a, b)
+        x, w, slots, a, b, dropout)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..config import ModelConfig
+from ..config import LORA_MODULES, ModelConfig
 from ..lora.bank import bank_key, factor_axes, weight_axes
 from ..lora.linear import adapted_linear
 from ..sharding import ShardingPlan
@@ -28,10 +28,12 @@ CACHE_AXES = ("batch", None, "kv_heads", "head_dim")
 
 
 class AdapterBatch(NamedTuple):
-    """The adapter bank and the slot each batch row uses (slot 0 = no adapter)."""
+    """The adapter bank, the slot each batch row uses (slot 0 = no adapter), and LoRA dropout when training."""
 
     bank: Bank
     slots: jax.Array
+    dropout_key: jax.Array | None = None
+    dropout_rate: jax.Array | None = None
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
@@ -96,11 +98,14 @@ class Linears(nnx.Module):
     def apply(self, module: str, x: jax.Array, layer: int, adapters: AdapterBatch | None) -> jax.Array:
         plan = self.plan
         w_axes = weight_axes(module)
-        lora = factor_specs = slots = None
+        lora = factor_specs = slots = dropout = None
         if adapters is not None:
             lora = adapters.bank[bank_key(layer, module)]
             factor_specs = tuple(plan.spec(axes) for axes in factor_axes(module, plan.block_factors))
             slots = adapters.slots
+            if adapters.dropout_key is not None:
+                index = layer * len(LORA_MODULES) + LORA_MODULES.index(module)
+                dropout = (jax.random.fold_in(adapters.dropout_key, index), adapters.dropout_rate)
         return adapted_linear(
             x,
             getattr(self, module)[...],
@@ -113,6 +118,7 @@ class Linears(nnx.Module):
             factor_specs=factor_specs,
             slot_spec=plan.spec(("batch",)),
             impl=self.lora_impl,
+            dropout=dropout,
         )
 
 

@@ -19,6 +19,7 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     use_rslora: bool = False
+    dropout: float = 0.0
     mesh: str = "1x1"
     strategy: str = "replicated"
     batch_size: int = 16
@@ -46,6 +47,8 @@ class TrainConfig:
             raise ValueError("adapters: expected at least one NAME: path/to/data.jsonl")
         if self.batch_size % len(self.adapters):
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of the {len(self.adapters)} adapters")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout}: expected a probability in [0, 1)")
         for name in ("steps", "batch_size", "seq_len", "rank", "save_every", "eval_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")

@@ -89,23 +89,26 @@ class Trainer:
         self._step = jax.jit(self._train_step, donate_argnums=(0,))
         self._eval = jax.jit(self._loss_sums)
 
-    def _loss_sums(self, factors, inputs, targets, weights, slots):
+    def _loss_sums(self, factors, inputs, targets, weights, slots, dropout_key=None):
         """Each adapter's summed token loss and token count over the rows that use it, (K,) each."""
         specs = bank_specs(self.layout, self.plan)
         bank = to_bank(factors, self.spec, self.layout)
         bank = {k: tuple(jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.plan.mesh, s))
                          for x, s in zip(pair, specs[k])) for k, pair in bank.items()}
         start = jnp.zeros((inputs.shape[0],), jnp.int32)
-        logits, _ = forward(self.graphdef, self.state, inputs, start, None, AdapterBatch(bank, slots))
+        rate = jnp.float32(self.cfg.dropout) if dropout_key is not None else None
+        logits, _ = forward(self.graphdef, self.state, inputs, start, None, AdapterBatch(bank, slots, dropout_key, rate))
         token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights
         k = len(self.names)
         sums = jax.ops.segment_sum(token_loss.sum(axis=1), slots - 1, num_segments=k)
         counts = jax.ops.segment_sum(weights.sum(axis=1), slots - 1, num_segments=k)
         return sums, counts
 
-    def _train_step(self, train_state: TrainState, inputs, targets, weights, slots):
+    def _train_step(self, train_state: TrainState, step, inputs, targets, weights, slots):
+        dropout_key = jax.random.fold_in(jax.random.key(self.cfg.seed), step) if self.cfg.dropout > 0 else None
+
         def total(factors):
-            sums, counts = self._loss_sums(factors, inputs, targets, weights, slots)
+            sums, counts = self._loss_sums(factors, inputs, targets, weights, slots, dropout_key)
             losses = sums / jnp.maximum(counts, 1.0)
             return losses.sum(), losses
 
@@ -171,7 +174,7 @@ class Trainer:
                                                              desc="train", initial=first, total=last) as bar:
             for step in bar:
                 started = time.perf_counter()
-                self.train_state, losses = self._step(self.train_state, *self.batch(step))
+                self.train_state, losses = self._step(self.train_state, jnp.int32(step), *self.batch(step))
                 losses = np.asarray(losses)
                 record = {"step": step + 1, "loss": float(losses.mean()),
                           "adapter_loss": dict(zip(self.names, map(float, losses))),
