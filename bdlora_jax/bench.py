@@ -3,6 +3,7 @@
 Subcommands:
   comm   collectives of one compiled decode step: base model, with the strategy's adapters, and the extra.
   serve  offline generation throughput: base only, one adapter, N distinct adapters, with ratios to base.
+  demo-accuracy  exact-match accuracy of each demo task adapter on held-out words, adapters mixed in batches.
   kernel one layer's per-device LoRA timed for the Pallas kernels, the XLA gather, a one-hot einsum and
          lax.ragged_dot, with achieved bandwidth against the device's peak (needs a GPU; says so otherwise).
   lower  the Triton kernels of one decode step with lora_impl="pallas", lowered for CUDA (no GPU needed).
@@ -16,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import bench_serve
+from . import bench_demo, bench_serve
 from .mesh import emulate_host_devices
 
 
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     comm.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     comm.add_argument("--json", action="store_true", help="print one JSON object")
     bench_serve.add_arguments(sub.add_parser("serve", help="offline throughput with 0, 1 and N distinct adapters"))
+    bench_demo.add_arguments(sub.add_parser("demo-accuracy", help="exact match of the demo task adapters"))
     kernel = sub.add_parser("kernel", help="time the LoRA kernels against XLA alternatives (GPU)")
     kernel.add_argument("--model", default="configs/models/llama-3.1-8b.yaml")
     kernel.add_argument("--strategy", default="bdlora", choices=("replicated", "slora", "bdlora"))
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     emulate_host_devices(getattr(args, "mesh", "1x1"))
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, format="%(message)s")
     run, show = {"comm": (run_comm, _print_comm), "serve": (bench_serve.run, bench_serve.print_report),
+                 "demo-accuracy": (bench_demo.run, bench_demo.print_report),
                  "kernel": (run_kernel, _print_kernel), "lower": (run_lower, _print_lower)}[args.command]
     report = run(args)
     if args.json:

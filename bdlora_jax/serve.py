@@ -15,11 +15,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi import Request as HTTPRequest
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .mesh import emulate_host_devices
 
@@ -37,6 +38,37 @@ class APIError(Exception):
 
 def _error_body(status: int, message: str, type_: str, code: str | None) -> dict:
     return {"error": {"message": message, "type": type_, "code": code}}
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while a body streams in past MAX_BODY_BYTES; an HTTPException, so FastAPI's body parsing lets it through."""
+
+    def __init__(self):
+        super().__init__(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware counting the bytes of a request body as they arrive, so a body sent without Content-Length
+    (chunked) is refused with 413 too, before it is all in memory."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    raise BodyTooLarge()
+            return message
+
+        await self.app(scope, limited, send)
 
 
 class TextStream:
@@ -98,10 +130,18 @@ def create_app(engine, scheduler, served_name: str, api_key: str | None = None, 
 
     app = FastAPI(title="bdlora_jax", docs_url=None, redoc_url=None)
     created = int(time.time())
+    # added before `guard`, so it sits inside it: an error raised in receive then reaches the route undisturbed
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
         return JSONResponse(_error_body(exc.status, exc.message, exc.type, exc.code), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+        return JSONResponse(_error_body(exc.status_code, str(exc.detail), "invalid_request_error",
+                                        codes.get(exc.status_code)), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_, exc: RequestValidationError):

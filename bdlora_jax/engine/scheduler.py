@@ -76,8 +76,7 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             self._run_commands()
-            while not self._inbox.empty():
-                self.generator.submit(self._inbox.get_nowait())
+            self._finish(self._take_inbox())
             if not self.generator.has_work():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
@@ -89,14 +88,34 @@ class Scheduler:
                 log.exception("generation step failed; failing the requests in flight")
                 finished = self._fail_in_flight()
             self.metrics.record_tokens(self.generator.generated_tokens - before)
-            for request in finished:
-                self.metrics.finished.labels(request.finish_reason).inc()
-                if request.finish_reason in ("abort", "error") and request.on_token is not None:
-                    request.on_token(request, None)
+            self._finish(finished)
+
+    def _finish(self, finished: list[Request]) -> None:
+        for request in finished:
+            self.metrics.finished.labels(request.finish_reason).inc()
+            if request.finish_reason in ("abort", "error") and request.on_token is not None:
+                request.on_token(request, None)
+
+    def _take_inbox(self) -> list[Request]:
+        """Hand submitted requests to the generator, so commands (an unload) see them as waiting.
+
+        A request whose adapter was unregistered between its validation and now fails alone (finish_reason
+        "error"); handing it on would fail the next step and with it every request in flight.
+        """
+        rejected = []
+        while not self._inbox.empty():
+            request = self._inbox.get_nowait()
+            if request.adapter is not None and request.adapter not in self.engine.pool.adapters:
+                request.finish_reason = "error"
+                rejected.append(request)
+            else:
+                self.generator.submit(request)
+        return rejected
 
     def _run_commands(self) -> None:
         while not self._commands.empty():
             fn, future = self._commands.get_nowait()
+            self._finish(self._take_inbox())
             try:
                 future.set_result(fn())
             except Exception as e:

@@ -1,0 +1,46 @@
+"""The shipped demo: trained task adapters answer held-out words exactly under every strategy on 8 devices."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bdlora_jax.bench_demo import demo_accuracy
+from bdlora_jax.demo import demo_adapters
+from bdlora_jax.demo.tasks import ADAPTER_TASKS, caesar, examples
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_demo_ships_the_four_task_adapters_two_of_them_bdlora_with_8_blocks():
+    adapters = demo_adapters()
+    assert sorted(adapters) == sorted(ADAPTER_TASKS)
+    nblocks = {name: (json.loads((path / "adapter_config.json").read_text()).get("use_bdlora") or {}).get("nblocks", 1)
+               for name, path in adapters.items()}
+    assert sorted(n for n in nblocks.values() if n == 8) == [8, 8]
+
+
+def test_tasks_have_exact_answers_and_held_out_words_differ():
+    assert caesar("xyz") == "abc"
+    train = {e["prompt"] for e in examples("reverse", 4000, seed=0)}
+    held = [e for e in examples("reverse", 100, seed=1)]
+    assert held[0]["completion"] == held[0]["prompt"][:-1][::-1]
+    assert sum(e["prompt"] in train for e in held) < 10
+
+
+@pytest.mark.parametrize("strategy", ["replicated", "slora"])
+def test_demo_accuracy_on_eight_devices(strategy):
+    report = demo_accuracy(mesh="1x8", strategy=strategy, n=20)
+    assert all(accuracy >= 0.9 for accuracy in report["accuracy"].values()), report
+
+
+def test_bench_demo_accuracy_command_bdlora():
+    out = subprocess.run(
+        [sys.executable, "-m", "bdlora_jax.bench", "demo-accuracy", "--mesh", "1x8", "--strategy", "bdlora",
+         "--n", "20", "--json"], capture_output=True, text=True, check=True, cwd=ROOT,
+    )
+    report = json.loads(out.stdout)
+    assert set(report["accuracy"]) == set(ADAPTER_TASKS)
+    assert all(accuracy >= 0.9 for accuracy in report["accuracy"].values()), report
