@@ -28,8 +28,10 @@ regimes (kept, smoothly interpolated, divided by the factor).
 
 After generating, and alone with --check-only, check_roundtrip() reads every adapter
 with bdlora_jax.lora.peft_io.read_adapter, writes it back with write_adapter, and checks
-that the file is unchanged and that PEFT loads it to the same logits. That part needs
-the package installed (pip install -e .).
+that the file is unchanged and that PEFT loads it to the same logits; check_trained_export()
+trains LoRA and BD-LoRA adapters with bdlora_jax.train, exports them, and checks that PEFT
+loads them to the logits our engine serves. Those parts need the package installed
+(pip install -e .).
 """
 
 import argparse
@@ -370,6 +372,37 @@ def check_roundtrip(out):
         print(f"round trip {name}: {len(original)} tensors identical, PEFT logits max error {error:.2e}")
 
 
+def check_trained_export(out):
+    """Adapters trained by bdlora_jax.train (LoRA, and BD-LoRA with 4 blocks) and exported as PEFT directories
+    load in PEFT to the logits our engine serves them with."""
+    from bdlora_jax import Engine
+    from bdlora_jax.train.config import TrainConfig
+    from bdlora_jax.train.trainer import Trainer
+
+    reference = np.load(out / "reference.npz")
+    prompts = reference["prompts"]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data.jsonl"
+        data.write_text("".join(json.dumps({"prompt": w + "=", "completion": w.upper()}) + "\n"
+                                for w in ["jax", "lora", "mesh", "block", "tensor", "shard", "peft", "adapter"]))
+        for kind in ("lora", "bdlora"):
+            cfg = TrainConfig(model=str(out / "model"), adapters={"a": str(data), "b": str(data)}, kind=kind,
+                              nblocks=4, rank=8, alpha=16.0, batch_size=4, seq_len=24, steps=5, warmup_steps=1,
+                              learning_rate=5e-2, eval_fraction=0.0, out_dir=f"{tmp}/{kind}")
+            trainer = Trainer(cfg)
+            trainer.fit(progress=False)
+            paths = trainer.export()
+            engine = Engine.from_pretrained(out / "model", mesh="1x1", strategy="replicated", max_loras=2,
+                                            max_lora_rank=8)
+            for name, path in paths.items():
+                engine.add_adapter(name, path)
+                ours = np.stack(engine.batch_logits([list(p) for p in prompts], [name] * len(prompts)))
+                peft_model = PeftModel.from_pretrained(load_model(out / "model"), path).eval()
+                error = np.abs(logits(peft_model, prompts) - ours).max()
+                assert error <= LOGITS_ATOL, f"trained {kind} adapter {name}: PEFT logits off by {error}"
+                print(f"trained {kind} adapter {name}: PEFT reloads it, logits max error {error:.2e}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("tests/fixtures/hf_tiny"))
@@ -379,6 +412,7 @@ def main():
         generate(args.out)
         summary(args.out)
     check_roundtrip(args.out)
+    check_trained_export(args.out)
 
 
 if __name__ == "__main__":
