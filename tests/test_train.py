@@ -15,6 +15,9 @@ from bdlora_jax.train.__main__ import load_config
 from bdlora_jax.train.config import TrainConfig
 from bdlora_jax.train.factors import export, to_bank
 from bdlora_jax.train.trainer import Trainer
+from conftest import FIXTURES
+
+MODEL = str(FIXTURES / "model")  # 2 layers, hidden 64, 4 kv heads (replicated on 1x8): quick to compile
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "jax", "lora", "mesh", "tensor", "block"]
 
@@ -34,31 +37,35 @@ def datasets(tmp_path_factory):
 
 
 def _config(datasets, tmp_path, **changes):
-    base = dict(model="demo", adapters=datasets, kind="bdlora", nblocks=8, rank=8, alpha=16.0, batch_size=8,
+    base = dict(model=MODEL, adapters=datasets, kind="bdlora", nblocks=8, rank=8, alpha=16.0, batch_size=8,
                 seq_len=32, steps=6, learning_rate=3e-3, warmup_steps=2, eval_every=100, save_every=2, keep_last=3,
-                out_dir=str(tmp_path / "run"))
+                eval_fraction=0.0, out_dir=str(tmp_path / "run"))
     return TrainConfig(**{**base, **changes})
 
 
 def test_short_run_lowers_the_eval_loss(datasets, tmp_path):
-    trainer = Trainer(_config(datasets, tmp_path, steps=40, mesh="1x2", strategy="bdlora"))
+    trainer = Trainer(_config(datasets, tmp_path, steps=30, learning_rate=1e-2, eval_fraction=0.1))
     before = trainer.evaluate()
     trainer.fit(progress=False)
     after = trainer.evaluate()
     for name in datasets:
         assert after[name] < before[name] - 0.5, (before, after)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 40 and "eval_loss" in json.loads(lines[-1])
+    assert len(lines) == 30 and "eval_loss" in json.loads(lines[-1])
 
 
 @pytest.fixture(scope="module")
-def single_device_losses(datasets, tmp_path_factory):
+def single_device_run(datasets, tmp_path_factory):
     trainer = Trainer(_config(datasets, tmp_path_factory.mktemp("ref"), steps=4))
-    return [r["loss"] for r in trainer.fit(progress=False)]
+    return trainer, trainer.fit(progress=False)
 
 
-@pytest.mark.parametrize("mesh,strategy", [("1x8", "replicated"), ("1x8", "slora"), ("1x8", "bdlora"),
-                                           ("2x4", "bdlora")])
+@pytest.fixture(scope="module")
+def single_device_losses(single_device_run):
+    return [r["loss"] for r in single_device_run[1]]
+
+
+@pytest.mark.parametrize("mesh,strategy", [("1x8", "replicated"), ("1x8", "slora"), ("1x8", "bdlora")])
 def test_every_mesh_and_strategy_trains_like_one_device(datasets, tmp_path, single_device_losses, mesh, strategy):
     trainer = Trainer(_config(datasets, tmp_path, steps=4, mesh=mesh, strategy=strategy))
     losses = [r["loss"] for r in trainer.fit(progress=False)]
@@ -85,10 +92,10 @@ def test_resume_equals_uninterrupted_and_skips_an_unfinished_save(datasets, tmp_
     np.testing.assert_allclose([r["loss"] for r in first + resumed], whole, rtol=0, atol=0)
 
 
-def test_each_adapter_gets_the_gradients_it_would_get_alone(datasets, tmp_path):
-    together = Trainer(_config(datasets, tmp_path / "both", steps=3))
-    alone = Trainer(_config(datasets, tmp_path / "one", adapters={"upper": datasets["upper"]}, batch_size=4, steps=3))
-    both_losses = [r["adapter_loss"]["upper"] for r in together.fit(progress=False)]
+def test_each_adapter_gets_the_gradients_it_would_get_alone(datasets, tmp_path, single_device_run):
+    together, records = single_device_run
+    alone = Trainer(_config(datasets, tmp_path / "one", adapters={"upper": datasets["upper"]}, batch_size=4, steps=4))
+    both_losses = [r["adapter_loss"]["upper"] for r in records]
     alone_losses = [r["adapter_loss"]["upper"] for r in alone.fit(progress=False)]
     np.testing.assert_allclose(both_losses, alone_losses, rtol=1e-6, atol=0)
     for key, (a, b) in alone.train_state.factors.items():
@@ -109,7 +116,7 @@ def test_exported_adapters_serve_the_trained_math(datasets, tmp_path, kind, mesh
         for key, (a, b) in slot_arrays(adapter, trainer.layout).items():
             np.testing.assert_allclose(np.asarray(bank[key][0][i + 1]), a, rtol=0, atol=1e-6)
             np.testing.assert_allclose(np.asarray(bank[key][1][i + 1]), b, rtol=0, atol=1e-6)
-    engine = Engine.from_pretrained("demo", mesh=mesh, strategy=strategy, max_loras=2, max_lora_rank=trainer.layout.max_rank)
+    engine = Engine.from_pretrained(MODEL, mesh=mesh, strategy=strategy, max_loras=2, max_lora_rank=trainer.layout.max_rank)
     inputs, _, _, _ = trainer.batch(0)
     rows = [list(np.asarray(inputs)[0][:12]), list(np.asarray(inputs)[-1][:12])]
     for name, path in paths.items():
@@ -139,13 +146,12 @@ def test_config_file_and_overrides(tmp_path, datasets):
         TrainConfig(adapters=datasets, target_modules=("w1",))
 
 
-def test_lora_dropout_is_the_same_on_every_mesh(datasets, tmp_path):
+def test_lora_dropout_is_the_same_on_every_mesh(datasets, tmp_path, single_device_losses):
     # warm-up starts at learning rate 0, so B is nonzero (and dropout visible in the loss) from step 3 on
-    plain = Trainer(_config(datasets, tmp_path / "plain", steps=3)).fit(progress=False)
-    one = Trainer(_config(datasets, tmp_path / "one", steps=3, dropout=0.3)).fit(progress=False)
-    sharded = Trainer(_config(datasets, tmp_path / "eight", steps=3, dropout=0.3, mesh="2x4",
+    one = Trainer(_config(datasets, tmp_path / "one", steps=4, dropout=0.3)).fit(progress=False)
+    sharded = Trainer(_config(datasets, tmp_path / "eight", steps=4, dropout=0.3, mesh="2x4",
                               strategy="slora")).fit(progress=False)
-    assert abs(one[2]["loss"] - plain[2]["loss"]) > 1e-4
+    assert abs(one[2]["loss"] - single_device_losses[2]) > 1e-4
     np.testing.assert_allclose([r["loss"] for r in sharded], [r["loss"] for r in one], rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="dropout=1.0"):
         TrainConfig(adapters=datasets, dropout=1.0)
