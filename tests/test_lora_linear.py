@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from adapter_factory import random_adapter
 from conftest import STRATEGIES
 from jax.sharding import PartitionSpec
 
@@ -17,8 +16,15 @@ from bdlora_jax.comm import DecodeShape
 from bdlora_jax.config import ModelConfig
 from bdlora_jax.lora.bank import BankLayout, slot_arrays, write_slot, zeros_bank
 from bdlora_jax.lora.linear import adapted_linear, resolve_impl
+from bdlora_jax.lora.synthetic import random_adapter
 from bdlora_jax.mesh import make_mesh
-from bdlora_jax.model.llama import AdapterBatch, abstract_model, forward, init_cache, init_model
+from bdlora_jax.model.llama import (
+    AdapterBatch,
+    abstract_model,
+    forward,
+    init_cache,
+    init_model,
+)
 from bdlora_jax.sharding import make_plan
 
 # One layer (every adapted module is there) with 4 kv heads: on 1x8 they fall back to replicated, so bdlora's

@@ -173,7 +173,7 @@ def read_adapter(path: str | Path, config: ModelConfig, name: str | None = None)
             raise AdapterError(f"{weights}: tensor {tensor_key(layer, module, missing.pop())!r} is missing")
         a_blocks, b_blocks = _block_counts(module, bd, config_path)
         d_in, d_out = config.module_dims(module)
-        for factor, blocks, dim in (("A", a_blocks, d_in), ("B", b_blocks, d_out)):
+        for blocks, dim in ((a_blocks, d_in), (b_blocks, d_out)):
             if dim % blocks:
                 raise AdapterError(f"{config_path}: nblocks={blocks} does not divide {module}'s dimension {dim}")
         expected = {"A": (r, d_in // a_blocks), "B": (d_out, r // b_blocks)}
