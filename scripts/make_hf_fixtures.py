@@ -30,8 +30,8 @@ After generating, and alone with --check-only, check_roundtrip() reads every ada
 with bdlora_jax.lora.peft_io.read_adapter, writes it back with write_adapter, and checks
 that the file is unchanged and that PEFT loads it to the same logits; check_trained_export()
 trains LoRA and BD-LoRA adapters with bdlora_jax.train, exports them, and checks that PEFT
-loads them to the logits our engine serves. Those parts need the package installed
-(pip install -e .).
+loads them to the logits our engine serves. The script needs the package installed
+(pip install -e .); the tokenizer is bdlora_jax.tokenizer's byte-level one.
 """
 
 import argparse
@@ -46,11 +46,10 @@ import numpy as np
 import torch
 from peft import BdLoraConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-BOS, EOS, PAD = 256, 257, 258
-SPECIAL_TOKENS = {"<s>": BOS, "</s>": EOS, "<pad>": PAD}
+from bdlora_jax.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, byte_level_tokenizer
+
 PROMPT_TEXTS = ["Hello world", "JAX + LoRA!", "über café"]  # 11 UTF-8 bytes each, after <s>
 MAX_NEW_TOKENS = 8
 LOGITS_ATOL = 1e-5
@@ -137,31 +136,8 @@ def describe_rope():
 # ---------------------------------------------------------------------------- tokenizer
 
 
-def make_tokenizer():
-    vocab = {ch: b for b, ch in gpt2_byte_table().items()} | SPECIAL_TOKENS
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok
-
-
-def gpt2_byte_table():
-    """GPT-2's byte -> printable character table, the alphabet of the ByteLevel pre-tokenizer."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, shift = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shift)
-            shift += 1
-    return table
-
-
 def check_tokenizer(tok):
     assert tok.get_vocab_size() == 259, tok.get_vocab_size()
-    assert set(gpt2_byte_table().values()) == set(pre_tokenizers.ByteLevel.alphabet())
     for text in ["Hello", *PROMPT_TEXTS]:
         ids = tok.encode(text).ids
         assert ids == list(text.encode()), (text, ids)
@@ -295,7 +271,7 @@ def generate(out):
 
     model_dir = out / "model"
     save_model(make_model(seed=0), model_dir)
-    tok = make_tokenizer()
+    tok = byte_level_tokenizer()
     check_tokenizer(tok)
     tok.save(str(model_dir / "tokenizer.json"))
 
@@ -350,7 +326,7 @@ def check_roundtrip(out):
         from bdlora_jax.checkpoint import load_model_config
         from bdlora_jax.lora.peft_io import read_adapter, write_adapter
     except ImportError as e:
-        sys.exit(f"round-trip check needs the bdlora_jax package installed (pip install -e .): {e}")
+        sys.exit(f"the round-trip check needs the bdlora_jax package installed (pip install -e .): {e}")
 
     reference = np.load(out / "reference.npz")
     prompts = reference["prompts"]
