@@ -56,3 +56,21 @@ def test_text_prompts_stop_tokens_and_errors(hf_dir, greedy):
     with pytest.raises(KeyError, match="nope"):
         eng.generate([prompt], adapters=["nope"])
     assert eng.generate([prompt], max_tokens=2)[0].token_ids == greedy["base"][0][:2]
+
+
+def test_adapters_are_reread_from_disk_and_a_vanished_one_fails_only_its_requests(hf_dir, greedy, tmp_path):
+    import shutil
+
+    eng = Engine.from_pretrained(hf_dir / "model", mesh="1x1", strategy="replicated", max_loras=1, max_lora_rank=8,
+                                 max_batch=2, max_seq_len=32)
+    for name in ("lora_r8", "bdlora_nb2_r8"):
+        shutil.copytree(hf_dir / "adapters" / name, tmp_path / name)
+        eng.add_adapter(name, tmp_path / name)
+    assert eng.pool.adapters["lora_r8"] == tmp_path / "lora_r8"  # only the path stays on the host
+    prompt, n = greedy["prompts"][0], greedy["max_new_tokens"]
+    assert eng.generate([prompt], adapters=["lora_r8"], max_tokens=n)[0].token_ids == greedy["lora_r8"][0]
+    shutil.rmtree(tmp_path / "bdlora_nb2_r8")
+    results = eng.generate([prompt, prompt, prompt], adapters=["bdlora_nb2_r8", "lora_r8", None], max_tokens=n)
+    assert results[0].finish_reason == "error" and results[0].token_ids == []
+    assert results[1].token_ids == greedy["lora_r8"][0] and results[2].token_ids == greedy["base"][0]
+    assert list(eng.pool.resident) == ["lora_r8"]

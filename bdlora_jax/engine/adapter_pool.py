@@ -1,14 +1,20 @@
-"""Adapters registered on the host, `max_loras` of them resident in device bank slots, evicted least-recently-used."""
+"""Adapters registered on the host, `max_loras` of them resident in device bank slots, evicted least-recently-used.
+
+An adapter registered from a directory is validated once and then kept only as its path: it is read again
+from disk whenever it is loaded into a slot, so thousands of registered adapters cost no host memory.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from ..lora.adapter import LoraAdapter
 from ..lora.bank import BankLayout, slot_arrays, write_slot, zeros_bank
+from ..lora.peft_io import read_adapter
 from ..sharding import ShardingPlan
 
 
@@ -23,7 +29,7 @@ class AdapterPool:
         self.layout = layout
         self.plan = plan
         self.bank = zeros_bank(layout, plan)
-        self.adapters: dict[str, LoraAdapter] = {}
+        self.adapters: dict[str, LoraAdapter | Path] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()
         self.loads = 0
         self.evictions = 0
@@ -32,12 +38,15 @@ class AdapterPool:
     def capacity(self) -> int:
         return self.layout.num_slots - 1
 
-    def register(self, name: str, adapter: LoraAdapter) -> None:
-        """Add an adapter after checking that it fits the bank; raises without changing anything if not."""
+    def register(self, name: str, adapter: LoraAdapter, source: Path | None = None) -> None:
+        """Add an adapter after checking that it fits the bank; raises without changing anything if not.
+
+        With a source directory, only the path is kept and the adapter is read again when it is loaded.
+        """
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} is already registered; remove it first")
         slot_arrays(adapter, self.layout)
-        self.adapters[name] = adapter
+        self.adapters[name] = Path(source) if source is not None else adapter
 
     def unregister(self, name: str) -> None:
         """Forget an adapter; its slot (if any) becomes free."""
@@ -72,14 +81,17 @@ class AdapterPool:
             return
         used = set(self.resident.values())
         free = [s for s in range(1, self.layout.num_slots) if s not in used]
+        victim = None if free else next((n for n in self.resident if n not in pinned), None)
+        if not free and victim is None:
+            raise PoolFullError(f"every slot holds an adapter in use; cannot load {name!r}")
+        entry = self.adapters[name]
+        adapter = entry if isinstance(entry, LoraAdapter) else read_adapter(entry, self.layout.config, name)
+        arrays = slot_arrays(adapter, self.layout)  # a read or fit error here leaves every slot as it was
         if free:
             slot = free[0]
         else:
-            victim = next((n for n in self.resident if n not in pinned), None)
-            if victim is None:
-                raise PoolFullError(f"every slot holds an adapter in use; cannot load {name!r}")
             slot = self.resident.pop(victim)
             self.evictions += 1
-        self.bank = write_slot(self.bank, slot, slot_arrays(self.adapters[name], self.layout))
+        self.bank = write_slot(self.bank, slot, arrays)
         self.resident[name] = slot
         self.loads += 1

@@ -73,10 +73,10 @@ class Engine:
 
     def add_adapter(self, name: str, path_or_adapter: str | Path | LoraAdapter) -> None:
         """Register a PEFT LoRA / BD-LoRA adapter; a bad one raises and leaves the engine as it was."""
-        adapter = path_or_adapter
-        if not isinstance(adapter, LoraAdapter):
-            adapter = read_adapter(path_or_adapter, self.model_config, name=name)
-        self.pool.register(name, adapter)
+        if isinstance(path_or_adapter, LoraAdapter):
+            self.pool.register(name, path_or_adapter)
+        else:
+            self.pool.register(name, read_adapter(path_or_adapter, self.model_config, name=name), source=path_or_adapter)
 
     def remove_adapter(self, name: str) -> None:
         self.pool.unregister(name)

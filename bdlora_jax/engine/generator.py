@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..model.llama import AdapterBatch, forward, init_cache
+from ..lora.peft_io import AdapterError
 from .adapter_pool import PoolFullError
 from .sampler import SamplingParams, row_keys, sample
 
@@ -69,6 +70,7 @@ class StepPlan:
     admit: tuple[tuple[int, int, int], ...]
     decode_slots: tuple[int, ...]
     decode_rows: tuple[int, ...]
+    failed: tuple[int, ...] = ()
 
 
 class Generator:
@@ -155,7 +157,7 @@ class Generator:
         """
         taken = {row: r.adapter for row, r in self.running.items()}
         free_rows = [i for i in range(self.rows) if i not in taken]
-        admit = []
+        admit, failed = [], []
         for request in self.waiting:
             if not free_rows:
                 break
@@ -163,18 +165,26 @@ class Generator:
                 slot = self.engine.pool.slots_for([*taken.values(), request.adapter])[-1]
             except PoolFullError:
                 break
+            except AdapterError:  # its files changed or vanished since registration: this request fails alone
+                failed.append(request.id)
+                continue
             row = free_rows.pop(0)
             taken[row] = request.adapter
             admit.append((row, request.id, slot))
         rows = tuple(sorted(taken))
         slots = tuple(self.engine.pool.slots_for([taken[i] for i in rows])) if rows else ()
-        return StepPlan(tuple(admit), slots, rows)
+        return StepPlan(tuple(admit), slots, rows, tuple(failed))
 
     def step(self) -> list[Request]:
         """Plan and run one step: prefill admissions, then one decode token for all rows; returns finished requests."""
         finished = self._drop_cancelled()
         plan = self.plan()
         waiting = {r.id: r for r in self.waiting}
+        for request_id in plan.failed:
+            request = waiting[request_id]
+            self.waiting.remove(request)
+            request.finish_reason = "error"
+            finished.append(request)
         for row, request_id, slot in plan.admit:
             request = waiting[request_id]
             self.waiting.remove(request)
