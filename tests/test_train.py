@@ -155,3 +155,16 @@ def test_lora_dropout_is_the_same_on_every_mesh(datasets, tmp_path, single_devic
     np.testing.assert_allclose([r["loss"] for r in sharded], [r["loss"] for r in one], rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="dropout=1.0"):
         TrainConfig(adapters=datasets, dropout=1.0)
+
+
+def test_shipped_training_config_reads_with_its_data_command(tmp_path):
+    from pathlib import Path
+
+    from bdlora_jax.demo.tasks import write_datasets
+
+    root = Path(__file__).parent.parent
+    cfg = load_config(root / "configs" / "train" / "demo_tasks.yaml", ["steps=2"])
+    assert (cfg.kind, cfg.nblocks, set(cfg.adapters), cfg.steps) == ("bdlora", 8, {"reverse", "double"}, 2)
+    paths = write_datasets(tmp_path, n=5, tasks=tuple(cfg.adapters))
+    assert [json.loads(line)["completion"] for line in paths["reverse"].read_text().splitlines()][0] == \
+        json.loads(paths["reverse"].read_text().splitlines()[0])["prompt"][:-1][::-1]
