@@ -126,6 +126,19 @@ def _factor_tile(ref, slot, blk, i, j, cfg: Config, rows_ok: jax.Array, cols_ok:
 # ----------------------------------------------------------------------------------------------- decode (BGMV)
 
 
+def _vector_matrix(vec_ref, factor_ref, t, blk, slot, j, length: int, cfg: Config, col_ok) -> jax.Array:
+    """One row times one column tile of a slot's factor: sum over `length` in block_k steps, in float32."""
+
+    def step(i, acc):
+        ks = i * cfg.block_k + jnp.arange(cfg.block_k)
+        k_ok = ks < length
+        vec = plgpu.load(vec_ref.at[t, blk, pl.ds(i * cfg.block_k, cfg.block_k)], mask=k_ok, other=0)
+        tile = _factor_tile(factor_ref, slot, blk, i, j, cfg, k_ok, col_ok)
+        return acc + jnp.sum(vec.astype(jnp.float32)[:, None] * tile.astype(jnp.float32), axis=0)
+
+    return jax.lax.fori_loop(0, pl.cdiv(length, cfg.block_k), step, jnp.zeros((cfg.block_n,), jnp.float32))
+
+
 def _bgmv_shrink_kernel(slots_ref, x_ref, a_ref, h_ref, *, cfg: Config, d_in: int, r: int):
     t, blk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     slot = slots_ref[t]
@@ -139,15 +152,7 @@ def _bgmv_shrink_kernel(slots_ref, x_ref, a_ref, h_ref, *, cfg: Config, d_in: in
 
     @pl.when(slot != 0)
     def _():
-        def step(i, acc):
-            ks = i * cfg.block_k + jnp.arange(cfg.block_k)
-            k_ok = ks < d_in
-            x = plgpu.load(x_ref.at[t, blk, pl.ds(i * cfg.block_k, cfg.block_k)], mask=k_ok, other=0)
-            a = _factor_tile(a_ref, slot, blk, i, j, cfg, k_ok, col_ok)
-            return acc + jnp.sum(x.astype(jnp.float32)[:, None] * a.astype(jnp.float32), axis=0)
-
-        acc = jax.lax.fori_loop(0, pl.cdiv(d_in, cfg.block_k), step, jnp.zeros((cfg.block_n,), jnp.float32))
-        plgpu.store(out, acc, mask=col_ok)
+        plgpu.store(out, _vector_matrix(x_ref, a_ref, t, blk, slot, j, d_in, cfg, col_ok), mask=col_ok)
 
 
 def bgmv_shrink(x: jax.Array, a: jax.Array, slots: jax.Array, *, config: Config | None = None,
@@ -174,14 +179,7 @@ def _bgmv_expand_kernel(slots_ref, h_ref, b_ref, y_in_ref, y_ref, *, cfg: Config
 
     @pl.when(slot != 0)
     def _():
-        def step(i, acc):
-            ks = i * cfg.block_k + jnp.arange(cfg.block_k)
-            k_ok = ks < r
-            h = plgpu.load(h_ref.at[t, blk, pl.ds(i * cfg.block_k, cfg.block_k)], mask=k_ok, other=0)
-            b = _factor_tile(b_ref, slot, blk, i, j, cfg, k_ok, col_ok)
-            return acc + jnp.sum(h.astype(jnp.float32)[:, None] * b.astype(jnp.float32), axis=0)
-
-        acc = jax.lax.fori_loop(0, pl.cdiv(r, cfg.block_k), step, jnp.zeros((cfg.block_n,), jnp.float32))
+        acc = _vector_matrix(h_ref, b_ref, t, blk, slot, j, r, cfg, col_ok)
         out = y_ref.at[t, blk, pl.ds(j * cfg.block_n, cfg.block_n)]
         plgpu.store(out, plgpu.load(out, mask=col_ok, other=0) + acc, mask=col_ok)
 
