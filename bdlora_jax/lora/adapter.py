@@ -72,16 +72,5 @@ class LoraAdapter:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     @property
-    def is_block_diagonal(self) -> bool:
-        return self.nblocks > 1 and bool(self.bd_a_modules or self.bd_b_modules)
-
-    @property
     def target_modules(self) -> tuple[str, ...]:
         return tuple(sorted({module for _, module in self.modules}))
-
-    def delta(self, layer: int, module: str) -> np.ndarray | None:
-        """The dense weight update scale·A·B in (d_in, d_out) orientation, or None if the module is not adapted."""
-        factors = self.modules.get((layer, module))
-        if factors is None:
-            return None
-        return self.scale * factors.dense_a() @ factors.dense_b()

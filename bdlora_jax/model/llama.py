@@ -256,17 +256,6 @@ def init_model(config: ModelConfig, plan: ShardingPlan, dtype=jnp.float32, seed:
     return graphdef, state
 
 
-def place_params(config: ModelConfig, plan: ShardingPlan, host_state: nnx.State,
-                 lora_impl: str = "xla") -> tuple[nnx.GraphDef, nnx.State]:
-    """Put parameter values (e.g. from another mesh or from the host) into this plan's shardings."""
-    graphdef, abstract_state = abstract_model(config, plan, jax.tree.leaves(host_state)[0].dtype, lora_impl)
-    state = jax.tree.map(
-        lambda v, host: v.replace(jax.device_put(np.asarray(host[...]), plan.sharding(v.get_metadata()["logical_axes"]))),
-        abstract_state, host_state, is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    return graphdef, state
-
-
 def init_cache(config: ModelConfig, plan: ShardingPlan, batch: int, max_seq_len: int, dtype=jnp.float32) -> KVCache:
     """A zero KV cache (batch, max_seq_len, kv_heads, head_dim) per layer, sharded on batch and kv heads."""
     shape = (batch, max_seq_len, config.num_kv_heads, config.head_dim)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -196,6 +195,3 @@ class Trainer:
         adapters = export(self.train_state.factors, self.spec, self.model_config, self.names,
                           base_model=None if self.cfg.model == "demo" else str(self.cfg.model))
         return {a.name: write_adapter(a, root / a.name) for a in adapters}
-
-    def config_dict(self) -> dict:
-        return asdict(self.cfg)
