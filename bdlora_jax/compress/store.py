@@ -17,9 +17,10 @@ source and relative reconstruction error ‖D − D̂‖²/‖D‖² per module)
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
