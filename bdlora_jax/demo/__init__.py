@@ -4,6 +4,8 @@ from pathlib import Path
 
 DEMO_DIR = Path(__file__).parent
 MODEL_DIR = DEMO_DIR / "model"
+# The four task adapters compressed into one rank-32 JD-Full bank (python -m bdlora_jax.compress, see docs/guides).
+COMPRESSED_DIR = DEMO_DIR / "compressed"
 
 
 def demo_adapters() -> dict[str, Path]:
