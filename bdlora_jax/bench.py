@@ -7,6 +7,12 @@ Subcommands:
   kernel one layer's per-device LoRA timed for the Pallas kernels, the XLA gather, a one-hot einsum and
          lax.ragged_dot, with achieved bandwidth against the device's peak (needs a GPU; says so otherwise).
   lower  the Triton kernels of one decode step with lora_impl="pallas", lowered for CUDA (no GPU needed).
+  ablate a resumable sweep of strategy x mesh x rank x adapters x batch from configs/ablations/*.yaml:
+         decode step (tokens/s, collectives) and end-to-end serving, into results.jsonl, a table and plots.
+  compress  reconstruction error of compressed adapter collections against rank and clusters, and serving
+         throughput side by side: base only, one adapter, N adapters uncompressed (pool swapping) and compressed.
+  cost   predicted GPU decode-step time (roofline + ring collectives) of S-LoRA at rank r and BD-LoRA at 2r, 4r
+         on device profiles (configs/devices/*.yaml), and BD-LoRA's predicted speed-up.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import bench_demo, bench_serve
+from . import bench_ablate, bench_compress, bench_cost, bench_demo, bench_serve
 from .mesh import emulate_host_devices
 
 
@@ -132,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     comm.add_argument("--json", action="store_true", help="print one JSON object")
     bench_serve.add_arguments(sub.add_parser("serve", help="offline throughput with 0, 1 and N distinct adapters"))
     bench_demo.add_arguments(sub.add_parser("demo-accuracy", help="exact match of the demo task adapters"))
+    bench_ablate.add_arguments(sub.add_parser("ablate", help="sweep a grid of strategies, meshes, ranks, adapters"))
+    bench_compress.add_arguments(sub.add_parser("compress", help="compression error and compressed serving throughput"))
+    bench_cost.add_arguments(sub.add_parser("cost", help="predicted GPU decode-step time and BD-LoRA speed-up"))
     kernel = sub.add_parser("kernel", help="time the LoRA kernels against XLA alternatives (GPU)")
     kernel.add_argument("--model", default="configs/models/llama-3.1-8b.yaml")
     kernel.add_argument("--strategy", default="bdlora", choices=("replicated", "slora", "bdlora"))
@@ -163,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, format="%(message)s")
     run, show = {"comm": (run_comm, _print_comm), "serve": (bench_serve.run, bench_serve.print_report),
                  "demo-accuracy": (bench_demo.run, bench_demo.print_report),
+                 "ablate": (bench_ablate.run, bench_ablate.print_report),
+                 "compress": (bench_compress.run, bench_compress.print_report),
+                 "cost": (bench_cost.run, bench_cost.print_report),
                  "kernel": (run_kernel, _print_kernel), "lower": (run_lower, _print_lower)}[args.command]
     report = run(args)
     if args.json:
