@@ -19,6 +19,7 @@ from flax import nnx
 
 from .config import ModelConfig
 from .lora.bank import BankLayout, abstract_bank
+from .lora.compressed import CompressedLayout, abstract_compressed
 from .model.llama import AdapterBatch, abstract_cache, abstract_model, forward, param_shardings
 from .sharding import ShardingPlan
 
@@ -77,8 +78,14 @@ def _abstract_params(config: ModelConfig, plan: ShardingPlan, dtype):
     return graphdef, state
 
 
-def compile_decode_step(config: ModelConfig, plan: ShardingPlan, shape: DecodeShape, with_lora: bool) -> str:
-    """Compiled HLO text of one decode step (one token per row, cache donated), with or without adapters."""
+def compile_decode_step(config: ModelConfig, plan: ShardingPlan, shape: DecodeShape, with_lora: bool,
+                        compressed: CompressedLayout | None = None) -> str:
+    """Compiled HLO text of one decode step (one token per row, cache donated), with or without adapters.
+
+    compressed: also serve a compressed bank of this layout (needs with_lora: it rides on the adapter batch).
+    """
+    if compressed is not None and not with_lora:
+        raise ValueError("a compressed bank is served beside the adapter bank: pass with_lora=True")
     dtype = jnp.dtype(shape.dtype)
     graphdef, state = _abstract_params(config, plan, dtype)
     row = plan.sharding(("batch",))
@@ -88,7 +95,11 @@ def compile_decode_step(config: ModelConfig, plan: ShardingPlan, shape: DecodeSh
     adapters = None
     if with_lora:
         layout = BankLayout.for_plan(config, plan, shape.max_loras, shape.rank, shape.dtype)
-        adapters = AdapterBatch(abstract_bank(layout, plan), jax.ShapeDtypeStruct((shape.batch,), jnp.int32, sharding=row))
+        ids = jax.ShapeDtypeStruct((shape.batch,), jnp.int32, sharding=row)
+        adapters = AdapterBatch(abstract_bank(layout, plan), ids)
+        if compressed is not None:
+            adapters = adapters._replace(compressed=abstract_compressed(compressed, plan, shape.dtype), clusters=ids,
+                                         sigma_ids=ids)
     step = jax.jit(partial(forward, graphdef), donate_argnums=(3,))
     return step.lower(state, tokens, start, cache, adapters).compile().as_text()
 

@@ -187,7 +187,7 @@ def create_app(engine, scheduler, served_name: str, api_key: str | None = None, 
         if lora_root is not None and not path.resolve().is_relative_to(lora_root.resolve()):
             raise APIError(403, f"lora_path {body.lora_path!r} is outside the allowed --lora-root {str(lora_root)!r}",
                            "permission_error", "forbidden_path")
-        if body.lora_name == served_name or body.lora_name in engine.pool.adapters:
+        if body.lora_name == served_name or engine.has_adapter(body.lora_name):
             raise APIError(400, f"adapter name {body.lora_name!r} is already in use", code="name_taken")
         try:
             adapter = await asyncio.to_thread(read_adapter, path, engine.model_config, body.lora_name)
@@ -199,8 +199,11 @@ def create_app(engine, scheduler, served_name: str, api_key: str | None = None, 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadBody):
         def unload():
-            if body.lora_name not in engine.pool.adapters:
+            if not engine.has_adapter(body.lora_name):
                 raise APIError(404, f"adapter {body.lora_name!r} is not loaded", "not_found_error", "adapter_not_found")
+            if engine.compressed is not None and body.lora_name in engine.compressed:
+                raise APIError(400, f"adapter {body.lora_name!r} belongs to the compressed bank "
+                                    f"{engine.compressed.where} and cannot be unloaded", code="compressed_adapter")
             if body.lora_name in scheduler.generator.adapters_in_use() or any(
                 r.adapter == body.lora_name for r in scheduler.generator.waiting
             ):
@@ -223,7 +226,7 @@ def create_app(engine, scheduler, served_name: str, api_key: str | None = None, 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        if body.model != served_name and body.model not in engine.pool.adapters:
+        if body.model != served_name and not engine.has_adapter(body.model):
             raise APIError(404, f"model {body.model!r} does not exist; see /v1/models", "not_found_error",
                            "model_not_found")
         if body.n != 1:
@@ -304,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="name of the base model in requests (default: its dir)")
     p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH", help="adapters to register at start")
     p.add_argument("--lora-root", type=Path, default=None, help="only load adapters from under this directory")
+    p.add_argument("--compressed-bank", type=Path, default=None, metavar="DIR",
+                   help="a compressed-bank directory (python -m bdlora_jax.compress) whose adapters are served by name")
     p.add_argument("--mesh", default="1x1", help="DxM device mesh, e.g. 1x8 (emulated on a CPU-only host)")
     p.add_argument("--strategy", default="bdlora", choices=("replicated", "slora", "bdlora"))
     p.add_argument("--max-loras", type=int, default=8)
@@ -337,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         modules = {**demo_adapters(), **modules}
     engine = Engine.from_pretrained(args.model, mesh=args.mesh, strategy=args.strategy, max_loras=args.max_loras,
                                     max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
-                                    max_seq_len=args.max_seq_len, dtype=args.dtype)
+                                    max_seq_len=args.max_seq_len, dtype=args.dtype,
+                                    compressed_bank=args.compressed_bank)
     for name, path in modules.items():
         engine.add_adapter(name, path)
     served = args.served_model_name or ("demo" if args.model == "demo" else Path(args.model).resolve().name)

@@ -12,23 +12,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
+from ..compress.store import load_compressed_bank
 from ..config import EngineConfig, ModelConfig
 from ..lora.adapter import LoraAdapter
 from ..lora.bank import BankLayout
+from ..lora.compressed import CompressedServing
 from ..lora.linear import resolve_impl
 from ..lora.peft_io import read_adapter
 from ..mesh import make_mesh
-from ..model.llama import AdapterBatch, forward
+from ..model.llama import forward
 from ..demo import MODEL_DIR
 from ..sharding import make_plan
 from .adapter_pool import AdapterPool
-from .generator import Completion, Generator, Request
+from .generator import Completion, Generator, Request, adapter_batch
 from .sampler import SamplingParams
 
-class Engine:
-    """Serve one base model with many adapters; rows of a batch may each use a different adapter."""
 
-    def __init__(self, model_config: ModelConfig, params, engine_config: EngineConfig, tokenizer=None, plan=None):
+class Engine:
+    """Serve one base model with many adapters; rows of a batch may each use a different adapter.
+
+    Adapters come from the pool (registered PEFT adapters, `max_loras` of them in device slots) or from a
+    compressed bank placed once at start-up (never in a pool slot); both are named alike and mix in a batch.
+    """
+
+    def __init__(self, model_config: ModelConfig, params, engine_config: EngineConfig, tokenizer=None, plan=None,
+                 compressed: CompressedServing | None = None):
         self.model_config = model_config
         self.config = engine_config
         self.plan = plan or make_plan(make_mesh(engine_config.mesh), engine_config.strategy, model_config,
@@ -38,6 +46,7 @@ class Engine:
         layout = BankLayout.for_plan(model_config, self.plan, engine_config.max_loras, engine_config.max_lora_rank,
                                      engine_config.dtype)
         self.pool = AdapterPool(layout, self.plan)
+        self.compressed = compressed
         self._forward = jax.jit(partial(forward, self.graphdef))
         self._generator: Generator | None = None
 
@@ -53,8 +62,12 @@ class Engine:
         max_seq_len: int = 512,
         dtype: str = "float32",
         lora_impl: str = "auto",
-    ) -> "Engine":
-        """Load a HF Llama directory (or "demo": the small Llama shipped in the package) onto a "DxM" mesh."""
+        compressed_bank: str | Path | None = None,
+    ) -> Engine:
+        """Load a HF Llama directory (or "demo": the small Llama shipped in the package) onto a "DxM" mesh.
+
+        compressed_bank: a compressed-bank directory (bdlora_jax.compress) whose adapters are served by name.
+        """
         config = EngineConfig(mesh=mesh, strategy=strategy, max_loras=max_loras, max_lora_rank=max_lora_rank,
                               max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype, lora_impl=lora_impl)
         demo = str(path) == "demo"
@@ -63,23 +76,57 @@ class Engine:
         if demo:
             model_config = dataclasses.replace(model_config, name="demo")
         plan = make_plan(make_mesh(mesh), strategy, model_config, max_lora_rank)
+        compressed = None
+        if compressed_bank is not None:
+            bank = load_compressed_bank(compressed_bank, model_config)
+            compressed = CompressedServing(bank, model_config, plan, str(compressed_bank), dtype)
         impl = resolve_impl(lora_impl, plan.mesh.devices.flat[0].platform)
         params = load_hf_params(path, model_config, plan, jnp.dtype(dtype), lora_impl=impl)
-        return cls(model_config, params, config, tokenizer, plan)
+        return cls(model_config, params, config, tokenizer, plan, compressed)
 
     @property
     def adapters(self) -> list[str]:
-        return sorted(self.pool.adapters)
+        """Every adapter name served: registered ones and those of the compressed bank."""
+        return sorted([*self.pool.adapters, *(self.compressed.names if self.compressed is not None else ())])
+
+    def has_adapter(self, name: str) -> bool:
+        """Whether requests may name this adapter (registered, or in the compressed bank)."""
+        return name in self.pool.adapters or (self.compressed is not None and name in self.compressed)
 
     def add_adapter(self, name: str, path_or_adapter: str | Path | LoraAdapter) -> None:
         """Register a PEFT LoRA / BD-LoRA adapter; a bad one raises and leaves the engine as it was."""
+        if self.compressed is not None and name in self.compressed:
+            source = path_or_adapter.name if isinstance(path_or_adapter, LoraAdapter) else str(path_or_adapter)
+            raise ValueError(f"adapter name {name!r} (from {source}) clashes with the adapter {name!r} of the "
+                             f"compressed bank {self.compressed.where}; choose another name")
         if isinstance(path_or_adapter, LoraAdapter):
             self.pool.register(name, path_or_adapter)
         else:
             self.pool.register(name, read_adapter(path_or_adapter, self.model_config, name=name), source=path_or_adapter)
 
     def remove_adapter(self, name: str) -> None:
+        """Unregister a pool adapter; compressed-bank adapters are served for the engine's lifetime."""
+        if self.compressed is not None and name in self.compressed:
+            raise ValueError(f"adapter {name!r} belongs to the compressed bank {self.compressed.where}, which is "
+                             "placed once at start-up; its adapters cannot be removed")
         self.pool.unregister(name)
+
+    def resolve(self, names: Sequence[str | None]) -> tuple[list[int], list[int], list[int]]:
+        """(bank slot, cluster, Σ id) of each row's adapter: pool adapters take a slot (loaded if needed),
+        compressed ones a (cluster, Σ id) pair; None and the other kind get 0."""
+        names = list(names)
+        for name in names:
+            if name is not None and not self.has_adapter(name):
+                raise KeyError(f"adapter {name!r} is not registered")
+        if self.compressed is None:
+            return self.pool.slots_for(names), [0] * len(names), [0] * len(names)
+        slots = self.pool.slots_for([None if name in self.compressed else name for name in names])
+        return (slots, *self.compressed.rows(names))
+
+    @property
+    def compressed_arrays(self) -> dict | None:
+        """The compressed bank's device arrays (None without one), passed to every jitted step."""
+        return self.compressed.arrays if self.compressed is not None else None
 
     def batch_logits(self, sequences: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> list[np.ndarray]:
         """Float32 logits (len, vocab) for each sequence, all rows in one batch, each with its own adapter."""
@@ -94,16 +141,18 @@ class Engine:
             bad = [t for t in seq if not 0 <= int(t) < self.model_config.vocab_size]
             if bad:
                 raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
-        slots = self.pool.slots_for(adapters)
+        ids = self.resolve(adapters)
         rows = -(-len(sequences) // self.plan.data_size) * self.plan.data_size
         tokens = np.zeros((rows, max(lengths)), np.int32)
         for i, seq in enumerate(sequences):
             tokens[i, :len(seq)] = seq
-        slot_ids = np.zeros((rows,), np.int32)
-        slot_ids[:len(slots)] = slots
+        slot_ids, clusters, sigma_ids = (np.zeros((rows,), np.int32) for _ in range(3))
+        for array, values in zip((slot_ids, clusters, sigma_ids), ids):
+            array[:len(values)] = values
         logits, _ = self._forward(
             self.state, jnp.asarray(tokens), jnp.zeros((rows,), jnp.int32), None,
-            AdapterBatch(self.pool.bank, jnp.asarray(slot_ids)),
+            adapter_batch(self.pool.bank, self.compressed_arrays, jnp.asarray(slot_ids), jnp.asarray(clusters),
+                          jnp.asarray(sigma_ids)),
         )
         logits = np.asarray(logits, dtype=np.float32)
         return [logits[i, :n] for i, n in enumerate(lengths)]
@@ -162,7 +211,7 @@ class Engine:
             if len(ids) + max_tokens > self.config.max_seq_len:
                 raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={max_tokens} exceeds "
                                  f"max_seq_len={self.config.max_seq_len}")
-            if adapter is not None and adapter not in self.pool.adapters:
+            if adapter is not None and not self.has_adapter(adapter):
                 raise KeyError(f"adapter {adapter!r} is not registered")
             requests.append(Request(ids, adapter, params))
         done = self.generator.run(requests)

@@ -2,7 +2,7 @@
 
 The decode state (a KV cache of `rows` rows) stays on the device and is donated to every step. The host
 keeps the small per-row bookkeeping; each `step()` first makes a StepPlan (which requests join which rows
-with which adapter slots, and which rows decode), then carries it out. Every jitted function has fixed
+with which adapter slots or compressed (cluster, Σ id) pairs, and which rows decode), then carries it out. Every jitted function has fixed
 shapes, so once each prompt bucket has been seen, steady-state generation compiles nothing new.
 """
 
@@ -24,6 +24,13 @@ from .sampler import SamplingParams, row_keys, sample
 
 MIN_BUCKET = 16
 _ids = itertools.count()
+
+
+def adapter_batch(bank, compressed: dict | None, slots, clusters, sigma_ids) -> AdapterBatch:
+    """The model's AdapterBatch for per-row bank slots and, with a compressed bank, per-row (cluster, Σ id)."""
+    if compressed is None:
+        return AdapterBatch(bank, slots)
+    return AdapterBatch(bank, slots, compressed=compressed, clusters=clusters, sigma_ids=sigma_ids)
 
 
 def prompt_buckets(max_seq_len: int) -> list[int]:
@@ -65,11 +72,14 @@ class Completion:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one step does, small and serialisable: admissions (row, request id, slot) and the decode rows' slots."""
+    """What one step does, small and serialisable: admissions (row, request id, slot, cluster, Σ id) and the
+    decode rows with their slots, clusters and Σ ids (cluster and Σ id 0 unless a row uses a compressed adapter)."""
 
-    admit: tuple[tuple[int, int, int], ...]
+    admit: tuple[tuple[int, int, int, int, int], ...]
     decode_slots: tuple[int, ...]
     decode_rows: tuple[int, ...]
+    decode_clusters: tuple[int, ...] = ()
+    decode_sigma_ids: tuple[int, ...] = ()
     failed: tuple[int, ...] = ()
 
 
@@ -95,14 +105,16 @@ class Generator:
         self.positions = np.zeros(self.rows, np.int32)
         self.generated_tokens = 0
 
-    def _prefill_fn(self, state, bank, tokens, length, slot, sampling):
-        """Run one prompt (row 0 of a data-sized batch) and sample its first token from its last real position."""
+    def _prefill_fn(self, state, bank, compressed, tokens, length, ids, sampling):
+        """Run one prompt (row 0 of a data-sized batch) and sample its first token from its last real position.
+
+        ids = (slot, cluster, Σ id) of the prompt's adapter."""
         rows = tokens.shape[0]
         zeros = jnp.zeros(self._cache_shape, self._cache_dtype)
         cache = tuple((zeros, zeros) for _ in range(self.engine.model_config.num_layers))
-        slots = jnp.zeros((rows,), jnp.int32).at[0].set(slot)
+        slots, clusters, sigma_ids = (jnp.zeros((rows,), jnp.int32).at[0].set(i) for i in ids)
         logits, cache = forward(self.engine.graphdef, state, tokens, jnp.zeros((rows,), jnp.int32), cache,
-                                AdapterBatch(bank, slots))
+                                adapter_batch(bank, compressed, slots, clusters, sigma_ids))
         last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0, keepdims=True)
         return sample(last, *sampling)[0], cache
 
@@ -113,10 +125,12 @@ class Generator:
             lambda full, new: jax.lax.dynamic_update_slice_in_dim(full, new[:1], row, axis=0), cache, prefill_cache
         )
 
-    def _decode_fn(self, state, cache, bank, tokens, positions, slots, sampling):
-        """One token for every row: write its KV at its position, attend, sample the next token."""
+    def _decode_fn(self, state, cache, bank, compressed, tokens, positions, ids, sampling):
+        """One token for every row: write its KV at its position, attend, sample the next token.
+
+        ids = per-row (slots, clusters, Σ ids)."""
         logits, cache = forward(self.engine.graphdef, state, tokens[:, None], positions, cache,
-                                AdapterBatch(bank, slots))
+                                adapter_batch(bank, compressed, *ids))
         return sample(logits[:, 0], *sampling), cache
 
     @staticmethod
@@ -153,7 +167,8 @@ class Generator:
         """Decide this step: admit waiting requests in arrival order while rows and adapter slots allow.
 
         Adapters of running requests are pinned, so loading a new one only evicts an idle adapter; a request
-        whose adapter cannot get a slot waits (and so do the ones behind it, keeping arrival order).
+        whose adapter cannot get a slot waits (and so do the ones behind it, keeping arrival order). Compressed
+        adapters take no slot.
         """
         taken = {row: r.adapter for row, r in self.running.items()}
         free_rows = [i for i in range(self.rows) if i not in taken]
@@ -162,7 +177,7 @@ class Generator:
             if not free_rows:
                 break
             try:
-                slot = self.engine.pool.slots_for([*taken.values(), request.adapter])[-1]
+                slots, clusters, sigma_ids = self.engine.resolve([*taken.values(), request.adapter])
             except PoolFullError:
                 break
             except AdapterError:  # its files changed or vanished since registration: this request fails alone
@@ -170,10 +185,10 @@ class Generator:
                 continue
             row = free_rows.pop(0)
             taken[row] = request.adapter
-            admit.append((row, request.id, slot))
+            admit.append((row, request.id, slots[-1], clusters[-1], sigma_ids[-1]))
         rows = tuple(sorted(taken))
-        slots = tuple(self.engine.pool.slots_for([taken[i] for i in rows])) if rows else ()
-        return StepPlan(tuple(admit), slots, rows, tuple(failed))
+        slots, clusters, sigma_ids = self.engine.resolve([taken[i] for i in rows]) if rows else ((), (), ())
+        return StepPlan(tuple(admit), tuple(slots), rows, tuple(clusters), tuple(sigma_ids), tuple(failed))
 
     def step(self) -> list[Request]:
         """Plan and run one step: prefill admissions, then one decode token for all rows; returns finished requests."""
@@ -185,23 +200,25 @@ class Generator:
             self.waiting.remove(request)
             request.finish_reason = "error"
             finished.append(request)
-        for row, request_id, slot in plan.admit:
+        for row, request_id, *ids in plan.admit:
             request = waiting[request_id]
             self.waiting.remove(request)
-            self._prefill_row(request, row, slot)
+            self._prefill_row(request, row, ids)
             if self._emit(request, self.tokens[row]):
                 finished.append(request)
             else:
                 self.running[row] = request
         decode_rows = [row for row in plan.decode_rows if row in self.running]
         if decode_rows:
-            slots = np.zeros(self.rows, np.int32)
-            slots[list(plan.decode_rows)] = plan.decode_slots
+            ids = np.zeros((3, self.rows), np.int32)
+            for array, values in zip(ids, (plan.decode_slots, plan.decode_clusters, plan.decode_sigma_ids)):
+                array[list(plan.decode_rows)] = values
             params = [self.running[i].params if i in self.running else _IDLE for i in range(self.rows)]
             steps = [len(self.running[i].output) if i in self.running else 0 for i in range(self.rows)]
             new, self.cache = self._decode(self.engine.state, self.cache, self.engine.pool.bank,
-                                           jnp.asarray(self.tokens), jnp.asarray(self.positions),
-                                           jnp.asarray(slots), self._sampling(params, steps))
+                                           self.engine.compressed_arrays, jnp.asarray(self.tokens),
+                                           jnp.asarray(self.positions), tuple(jnp.asarray(a) for a in ids),
+                                           self._sampling(params, steps))
             new = np.asarray(new)
             for row in decode_rows:
                 request = self.running[row]
@@ -211,13 +228,14 @@ class Generator:
                     finished.append(request)
         return finished
 
-    def _prefill_row(self, request: Request, row: int, slot: int) -> None:
-        """Prefill a request into decode row `row` and record its first token."""
+    def _prefill_row(self, request: Request, row: int, ids: list[int]) -> None:
+        """Prefill a request into decode row `row` with its adapter's (slot, cluster, Σ id); record its first token."""
         length = len(request.prompt)
         padded = np.zeros((self._prefill_rows, prompt_bucket(length, self.max_seq_len)), np.int32)
         padded[0, :length] = request.prompt
-        first, prefill_cache = self._prefill(self.engine.state, self.engine.pool.bank, jnp.asarray(padded),
-                                             jnp.int32(length), jnp.int32(slot), self._sampling([request.params], [0]))
+        first, prefill_cache = self._prefill(self.engine.state, self.engine.pool.bank, self.engine.compressed_arrays,
+                                             jnp.asarray(padded), jnp.int32(length),
+                                             tuple(jnp.int32(i) for i in ids), self._sampling([request.params], [0]))
         self.cache = self._insert(self.cache, prefill_cache, jnp.int32(row))
         self.tokens[row], self.positions[row] = int(first), length
 

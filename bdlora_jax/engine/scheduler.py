@@ -105,7 +105,7 @@ class Scheduler:
         rejected = []
         while not self._inbox.empty():
             request = self._inbox.get_nowait()
-            if request.adapter is not None and request.adapter not in self.engine.pool.adapters:
+            if request.adapter is not None and not self.engine.has_adapter(request.adapter):
                 request.finish_reason = "error"
                 rejected.append(request)
             else:

@@ -10,6 +10,10 @@ Two implementations of the per-device adapter math run inside the same shard_map
 each row's factors and multiplies with einsums; "pallas" runs the Triton kernels of bdlora_jax.kernels
 (decode kernels for one-token rows, grouped prefill kernels otherwise), and "pallas_interpret" runs those
 kernels in Pallas interpret mode, which needs no GPU. The collectives are the same for all three.
+
+A compressed bank (lora/compressed.py) adds, in the same shard_map, each row's x·V[c]·Σᵀ·U[c]: the shared bases
+are applied once per cluster per batch (tokens sorted by cluster, `jax.lax.ragged_dot` with group sizes), with
+the strategy's collective on x·V exactly as on x·A. Every impl runs that part as the same XLA code.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class LoraLayout:
     output: str
 
     @classmethod
-    def from_specs(cls, a_spec: PartitionSpec, b_spec: PartitionSpec, a_ndim: int, b_ndim: int) -> "LoraLayout":
+    def from_specs(cls, a_spec: PartitionSpec, b_spec: PartitionSpec, a_ndim: int, b_ndim: int) -> LoraLayout:
         a_block, b_block = a_ndim == 4, b_ndim == 4
         a_axes = tuple(a_spec) + (None,) * (a_ndim - len(a_spec))
         b_axes = tuple(b_spec) + (None,) * (b_ndim - len(b_spec))
@@ -99,6 +103,47 @@ def _lora_delta(x: jax.Array, slots: jax.Array, a: jax.Array, b: jax.Array, layo
     return y
 
 
+def _grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, block: bool) -> jax.Array:
+    """x (tokens, d) sorted by group times each group's w (groups, d, k), or block-diagonal w (groups, nb, d/nb, k/nb)."""
+    if not block:
+        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+    xb = x.reshape(x.shape[0], w.shape[1], w.shape[2]).transpose(1, 0, 2)
+    dims = jax.lax.RaggedDotDimensionNumbers((([2], [2]), ([0], [1])), lhs_ragged_dimensions=[1],
+                                             rhs_group_dimensions=[0])
+    y = jax.lax.ragged_dot_general(xb, w, group_sizes, dims, preferred_element_type=jnp.float32)
+    return y.transpose(1, 0, 2).reshape(x.shape[0], -1)
+
+
+def _cluster_order(row_clusters: jax.Array, num_clusters: int) -> tuple[jax.Array, jax.Array]:
+    """(rows stably sorted by cluster, rows per cluster); a counting sort, as the clusters are few."""
+    onehot = (row_clusters[:, None] == jnp.arange(num_clusters + 1)).astype(jnp.int32)
+    counts = onehot.sum(axis=0)
+    position = jnp.sum(onehot * (jnp.cumsum(counts) - counts + jnp.cumsum(onehot, axis=0) - onehot), axis=1)
+    rows = jnp.zeros_like(position).at[position].set(jnp.arange(position.shape[0], dtype=position.dtype))
+    return rows, counts[:num_clusters]
+
+
+def _compressed_delta(x: jax.Array, clusters: jax.Array, sigma_ids: jax.Array, v: jax.Array, u: jax.Array,
+                      sigma: jax.Array, layout: LoraLayout) -> jax.Array:
+    """Per-device compressed contribution x·V[c]·Σ[id]ᵀ·U[c] of every row (Σ id 0: none), h kept in float32.
+
+    Tokens are sorted by cluster (rows sorted, each row's tokens kept together) so each cluster's V and U multiply
+    all its tokens in one grouped GEMM; rows without a compressed adapter are left out of every group (ragged_dot
+    gives them zeros).
+    """
+    batch, seq = x.shape[:2]
+    tokens, num_clusters = batch * seq, v.shape[0]
+    rows, group_sizes = _cluster_order(jnp.where(sigma_ids > 0, clusters, num_clusters), num_clusters)
+    order = (rows[:, None] * seq + jnp.arange(seq)).reshape(tokens)
+    h = _grouped(x.reshape(tokens, -1)[order], v, group_sizes * seq, layout.a_block)
+    h = _join_rank(h, layout)
+    row_sigma = sigma[sigma_ids[rows]]  # (batch, nbΣ, r, r) in sorted row order; each row's tokens are contiguous
+    h = jnp.einsum("bsnr,bnqr->bsnq", h.reshape(batch, seq, row_sigma.shape[1], row_sigma.shape[2]), row_sigma,
+                   preferred_element_type=jnp.float32).reshape(tokens, -1).astype(u.dtype)
+    y = _grouped(h, u, group_sizes * seq, layout.b_block)
+    return jnp.zeros_like(y).at[order].set(y).reshape(batch, seq, -1)
+
+
 def _lora_pallas(x: jax.Array, y: jax.Array, slots: jax.Array, a: jax.Array, b: jax.Array, layout: LoraLayout,
                  into_slice: bool, interpret: bool) -> jax.Array:
     """Per-device LoRA added into the float32 base output y by the kernels; into_slice: y is a full partial sum.
@@ -142,6 +187,11 @@ def _dropout_mask(key: jax.Array, rate: jax.Array, x: jax.Array, x_spec: Partiti
     return jax.lax.dynamic_slice(keep, starts, x.shape)
 
 
+def _into_slice(base_output: str, layout: LoraLayout) -> bool:
+    """Whether an adapter's exact output slice goes into a row-parallel partial-sum buffer."""
+    return base_output == PARTIAL and layout.output == SLICE
+
+
 def _place_slice(y: jax.Array, n: int) -> jax.Array:
     """Put this device's exact output slice into a zero (…, n·width) partial-sum buffer at its offset."""
     width = y.shape[-1]
@@ -163,10 +213,15 @@ def adapted_linear(
     slot_spec: PartitionSpec,
     impl: str = "xla",
     dropout: tuple[jax.Array, jax.Array] | None = None,
+    compressed: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    compressed_specs: tuple[PartitionSpec, PartitionSpec, PartitionSpec] | None = None,
+    compressed_rows: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """x (batch, seq, d_in) · w (d_in, d_out) plus each row's adapter; row-parallel sums end in one psum.
 
     dropout = (key, rate) applies LoRA dropout to the adapter's input (training only; XLA path).
+    compressed = (V, U, Σ) of a compressed bank with their specs, and compressed_rows = (cluster, Σ id) per row:
+    a row may use a bank slot, a compressed adapter, both or neither.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
@@ -176,38 +231,51 @@ def adapted_linear(
     base_output = PARTIAL if row_parallel else (SLICE if len(w_spec) > 1 and w_spec[1] == MODEL else FULL)
     n = mesh.shape[MODEL]
 
-    if lora is None:
+    if lora is None and compressed is None:
         def local(x, w):
             y = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
             return jax.lax.psum(y, MODEL) if row_parallel else y
 
         return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec), out_specs=out_spec)(x, w)
 
-    a, b = lora
-    layout = LoraLayout.from_specs(factor_specs[0], factor_specs[1], a.ndim, b.ndim)
-    if layout.output != base_output and not (base_output == PARTIAL and layout.output == SLICE):
-        raise ValueError(f"LoRA output {layout.output} cannot join a {base_output} base output ({w_spec})")
+    def joined_layout(first: jax.Array, second: jax.Array, specs, what: str) -> LoraLayout:
+        layout = LoraLayout.from_specs(specs[0], specs[1], first.ndim, second.ndim)
+        if layout.output != base_output and not (base_output == PARTIAL and layout.output == SLICE):
+            raise ValueError(f"{what} output {layout.output} cannot join a {base_output} base output ({w_spec})")
+        return layout
 
-    into_slice = base_output == PARTIAL and layout.output == SLICE
+    a, b = lora if lora is not None else (None, None)
+    layout = joined_layout(a, b, factor_specs, "LoRA") if lora is not None else None
+    c_layout = joined_layout(compressed[0], compressed[1], compressed_specs, "compressed bank") \
+        if compressed is not None else None
 
-    def local(x, w, slots, a, b, dropout):
+    def local(x, w, slots, a, b, dropout, compressed, compressed_rows):
         y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-        if impl == "xla":
+        if lora is not None and impl == "xla":
             x_lora = x
             if dropout is not None:
                 key, rate = dropout
                 keep = _dropout_mask(key, rate, x, x_spec, mesh)
                 x_lora = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
             delta = _lora_delta(x_lora, slots, a, b, layout)
-            y = y + (_place_slice(delta, n) if into_slice else delta)
-        else:
-            y = _lora_pallas(x, y, slots, a, b, layout, into_slice, interpret=impl == "pallas_interpret")
+            y = y + (_place_slice(delta, n) if _into_slice(base_output, layout) else delta)
+        elif lora is not None:
+            y = _lora_pallas(x, y, slots, a, b, layout, _into_slice(base_output, layout),
+                             interpret=impl == "pallas_interpret")
+        if compressed is not None:
+            delta = _compressed_delta(x, *compressed_rows, *compressed, c_layout)
+            y = y + (_place_slice(delta, n) if _into_slice(base_output, c_layout) else delta)
         y = y.astype(x.dtype)
         return jax.lax.psum(y, MODEL) if row_parallel else y
 
-    in_specs = (x_spec, w_spec, slot_spec, factor_specs[0], factor_specs[1],
-                None if dropout is None else (PartitionSpec(), PartitionSpec()))
+    in_specs = (x_spec, w_spec,
+                None if lora is None else slot_spec,
+                None if lora is None else factor_specs[0],
+                None if lora is None else factor_specs[1],
+                None if dropout is None else (PartitionSpec(), PartitionSpec()),
+                None if compressed is None else compressed_specs,
+                None if compressed is None else (slot_spec, slot_spec))
     # A pallas_call's outputs carry no varying-axes type, so the kernels' shard_map skips that check (as JAX's own
     # Pallas GPU ops do); the specs above still say exactly what each device holds.
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=impl == "xla")(
-        x, w, slots, a, b, dropout)
+        x, w, slots, a, b, dropout, compressed, compressed_rows)

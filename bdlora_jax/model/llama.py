@@ -19,6 +19,7 @@ from flax import nnx
 
 from ..config import LORA_MODULES, ModelConfig
 from ..lora.bank import bank_key, factor_axes, weight_axes
+from ..lora.compressed import compressed_axes
 from ..lora.linear import adapted_linear
 from ..sharding import ShardingPlan
 
@@ -28,12 +29,19 @@ CACHE_AXES = ("batch", None, "kv_heads", "head_dim")
 
 
 class AdapterBatch(NamedTuple):
-    """The adapter bank, the slot each batch row uses (slot 0 = no adapter), and LoRA dropout when training."""
+    """The adapter bank, the slot each batch row uses (slot 0 = no adapter), and LoRA dropout when training.
+
+    Optionally a compressed bank (lora/compressed.py: (V, U, Σ) per module it adapts) with each row's cluster
+    and Σ id (Σ id 0 = no compressed adapter).
+    """
 
     bank: Bank
     slots: jax.Array
     dropout_key: jax.Array | None = None
     dropout_rate: jax.Array | None = None
+    compressed: dict[str, tuple[jax.Array, jax.Array, jax.Array]] | None = None
+    clusters: jax.Array | None = None
+    sigma_ids: jax.Array | None = None
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
@@ -98,7 +106,7 @@ class Linears(nnx.Module):
     def apply(self, module: str, x: jax.Array, layer: int, adapters: AdapterBatch | None) -> jax.Array:
         plan = self.plan
         w_axes = weight_axes(module)
-        lora = factor_specs = slots = dropout = None
+        lora = factor_specs = slots = dropout = compressed = compressed_specs = compressed_rows = None
         if adapters is not None:
             lora = adapters.bank[bank_key(layer, module)]
             factor_specs = tuple(plan.spec(axes) for axes in factor_axes(module, plan.block_factors))
@@ -106,6 +114,10 @@ class Linears(nnx.Module):
             if adapters.dropout_key is not None:
                 index = layer * len(LORA_MODULES) + LORA_MODULES.index(module)
                 dropout = (jax.random.fold_in(adapters.dropout_key, index), adapters.dropout_rate)
+            if adapters.compressed is not None and bank_key(layer, module) in adapters.compressed:
+                compressed = adapters.compressed[bank_key(layer, module)]
+                compressed_specs = tuple(plan.spec(axes) for axes in compressed_axes(module, plan.block_factors))
+                compressed_rows = (adapters.clusters, adapters.sigma_ids)
         return adapted_linear(
             x,
             getattr(self, module)[...],
@@ -119,6 +131,9 @@ class Linears(nnx.Module):
             slot_spec=plan.spec(("batch",)),
             impl=self.lora_impl,
             dropout=dropout,
+            compressed=compressed,
+            compressed_specs=compressed_specs,
+            compressed_rows=compressed_rows,
         )
 
 
