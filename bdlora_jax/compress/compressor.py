@@ -1,7 +1,7 @@
 """Compress a collection of adapters into a CompressedBank: JD per (layer, module, block), with clustering.
 
 With k clusters every adapter gets one cluster id for all layers. The start is k-means on normalised
-features (how each adapter's energy spreads over the directions of one global JD fit), then rounds of:
+features (sketches of each adapter's column and row spaces in every module), then rounds of:
 fit JD inside each cluster, move every adapter to the cluster whose bases reconstruct it best (summed relative
 error over all modules, Σ re-solved for those bases), until no assignment changes. A new adapter is projected
 onto existing bases the same way, without refitting.
@@ -23,13 +23,18 @@ from .joint import jd_diag, jd_full, relative_errors, sigma_diag, sigma_full
 from .problems import Problem, build_problem, target_modules
 from .store import METHODS, CompressedBank, CompressedModule, block_dims
 
+SKETCH = 4  # random directions per subspace in the clustering features
 
-def _fit_groups(a, b, members, tol: float, *, rank: int, max_iter: int, method: str):
-    """JD of every group of adapters (members (k, m), -1 = padding) on one problem: U (k, d_out, r), V, iterations."""
+
+def _fit_groups(a, b, members, tol: float, *, rank: int, max_iter: int, method: str, v0=None):
+    """JD of every group of adapters (members (k, m), -1 = padding) on one problem: U (k, d_out, r), V, iterations.
+
+    v0: start bases per group (a previous round's), so a refit after a few reassignments takes few iterations.
+    """
     w = (members >= 0).astype(a.dtype)
     index = jnp.maximum(members, 0)
     ga, gb = a[index], b[index]
-    fit = jd_full(ga, gb, w, rank=rank, tol=tol, max_iter=max_iter)
+    fit = jd_full(ga, gb, w, rank=rank, tol=tol, max_iter=max_iter, v0=v0)
     if method == "diag":
         fit = jd_diag(ga, gb, w, fit.u, fit.v, tol=tol, max_iter=max_iter)
     return fit.u, fit.v, fit.iterations
@@ -55,9 +60,8 @@ def _members(assign: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def kmeans(features: np.ndarray, k: int, seed: int, iterations: int = 100) -> np.ndarray:
-    """Lloyd's k-means with k-means++ seeding; returns a cluster id per row."""
-    rng = np.random.default_rng(seed)
+def _lloyd(features: np.ndarray, k: int, rng: np.random.Generator, iterations: int) -> tuple[np.ndarray, float]:
+    """One k-means run from a k-means++ seeding: (cluster id per row, inertia)."""
     centers = [features[rng.integers(len(features))]]
     for _ in range(1, k):
         dist = np.min([((features - c) ** 2).sum(1) for c in centers], axis=0)
@@ -74,7 +78,14 @@ def kmeans(features: np.ndarray, k: int, seed: int, iterations: int = 100) -> np
         for c in range(k):
             if np.any(assign == c):
                 centers[c] = features[assign == c].mean(0)
-    return assign
+    return assign, float(((features - centers[assign]) ** 2).sum())
+
+
+def kmeans(features: np.ndarray, k: int, seed: int, restarts: int = 10, iterations: int = 100) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding, the best of `restarts` runs; returns a cluster id per row."""
+    rng = np.random.default_rng(seed)
+    runs = [_lloyd(features, k, rng, iterations) for _ in range(restarts)]
+    return min(runs, key=lambda run: run[1])[0]
 
 
 def _fill_empty(assign: np.ndarray, costs: np.ndarray, k: int) -> np.ndarray:
@@ -103,35 +114,39 @@ class _Fitter:
 
         return tqdm(self.problems, desc=desc, disable=not self.progress, leave=False)
 
-    def fit(self, assign: np.ndarray, k: int, desc: str, rank: int | None = None, method: str | None = None):
-        """Bases of every problem for an assignment: list of (U (k, d_out, r), V (k, d_in, r))."""
+    def fit(self, assign: np.ndarray, k: int, desc: str, start=None):
+        """Bases of every problem for an assignment: list of (U (k, d_out, r), V (k, d_in, r)); start: earlier bases."""
         members = jnp.asarray(_members(assign, k))
         out = []
-        for p in self._bar(desc):
-            u, v, iters = _fit_groups(jnp.asarray(p.a), jnp.asarray(p.b), members, self.tol,
-                                      rank=rank or self.rank_b, max_iter=self.max_iter, method=method or self.method)
+        for i, p in enumerate(self._bar(desc)):
+            v0 = start[i][1] if start is not None else None
+            u, v, iters = _fit_groups(jnp.asarray(p.a), jnp.asarray(p.b), members, self.tol, v0=v0,
+                                      rank=self.rank_b, max_iter=self.max_iter, method=self.method)
             self.iterations = max(self.iterations, iters)
             out.append((u, v))
         return out
 
-    def project(self, bases, method: str | None = None):
+    def project(self, bases):
         """Per problem: relative errors (k, n) and Σ (k, n, ...) of every adapter on every cluster."""
-        return [_project(jnp.asarray(p.a), jnp.asarray(p.b), u, v, method=method or self.method)
+        return [_project(jnp.asarray(p.a), jnp.asarray(p.b), u, v, method=self.method)
                 for p, (u, v) in zip(self.problems, bases)]
 
 
-def _start(fitter: _Fitter, n: int, k: int, seed: int) -> np.ndarray:
-    """k-means on normalised energy features of one global JD-Full fit of rank min(k·r, dims, 64)."""
-    dims = min(min(p.a.shape[2], p.b.shape[1]) for p in fitter.problems)
-    rank = max(1, min(k * fitter.rank_b, dims, 64))
-    bases = fitter.fit(np.zeros(n, np.int64), 1, "clusters: global fit", rank=rank, method="full")
-    features = []
-    for _, sigma in fitter.project(bases, method="full"):
-        energy = np.asarray(sigma[0]) ** 2
-        features += [energy.sum(2), energy.sum(1)]
-    features = np.concatenate(features, axis=1)
-    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    return kmeans(features, k, seed)
+def subspace_features(problems: list[Problem], sketch: int = SKETCH, seed: int = 0) -> np.ndarray:
+    """Per adapter, its column and row spaces in every problem as sketched projectors P·S, unit-normalised.
+
+    ⟨P_i·S, P_j·S⟩ estimates tr(P_i·P_j) (S Gaussian, scaled), the overlap of two adapters' subspaces: adapters
+    that share bases are close whatever their own mixing matrices, which is what a cluster can serve.
+    """
+    rng = np.random.default_rng(seed)
+    parts = []
+    for p in problems:
+        for factor in (p.b, np.swapaxes(p.a, 1, 2)):
+            probe = rng.standard_normal((factor.shape[1], sketch)) / np.sqrt(sketch)
+            q = np.linalg.qr(factor.astype(np.float64))[0]
+            parts.append((q @ (np.swapaxes(q, 1, 2) @ probe)).reshape(len(factor), -1))
+    features = np.concatenate(parts, axis=1)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
 def _check(adapters: Sequence[LoraAdapter], config: ModelConfig, rank: int, clusters: int, method: str,
@@ -171,7 +186,7 @@ def compress_adapters(adapters: Sequence[LoraAdapter], config: ModelConfig, rank
     fitter = _Fitter(problems, rank_b, method, tol, max_iter, progress)
     assign, rounds, settled = np.zeros(n, np.int64), 0, True
     if clusters > 1:
-        assign, settled = _start(fitter, n, clusters, seed), False
+        assign, settled = kmeans(subspace_features(problems, seed=seed), clusters, seed), False
     bases = fitter.fit(assign, clusters, "fit")
     projected = fitter.project(bases)
     while clusters > 1 and rounds < max_rounds:
@@ -182,7 +197,7 @@ def compress_adapters(adapters: Sequence[LoraAdapter], config: ModelConfig, rank
             settled = True
             break
         assign = new
-        bases = fitter.fit(assign, clusters, f"clusters: round {rounds}")
+        bases = fitter.fit(assign, clusters, f"clusters: round {rounds}", start=bases)
         projected = fitter.project(bases)
     fit_info = {"tol": tol, "max_iter": max_iter, "max_iterations_used": fitter.iterations, "rounds": rounds,
                 "assignments_settled": settled, "seed": seed}

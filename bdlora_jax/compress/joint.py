@@ -101,10 +101,10 @@ def _full_step(a, b, w, u, v, total, rank: int):
     return u, v, 1.0 - _full_objective(a, b, w, u, v) / total
 
 
-def _full_start(a, b, w, probe_v, probe_u):
-    """V from initial_v, U as the best subspace of a probe of the D_i·V; with their relative error."""
+def _full_start(a, b, w, v, probe_u):
+    """U as the best subspace of a probe of the D_i·V for a start V; with their relative error."""
     total = jnp.maximum(jnp.sum(w * squared_norms(a, b)), 1e-30)
-    v = initial_v(a, w, probe_v)
+    v, _ = jnp.linalg.qr(v)
     images = jnp.einsum("nok,nkr->nor", b, jnp.einsum("nkd,dr->nkr", a, v))
     start, _ = jnp.linalg.qr(jnp.einsum("n,nor,nrs->os", w, images, probe_u))
     u = _ritz(start, images, w, v.shape[1])
@@ -137,6 +137,7 @@ def _diag_start(a, b, w, u, v):
     return sigma, total, _diag_error(a, b, w, u, v, sigma, total)
 
 
+_initial_v_groups = jax.jit(jax.vmap(initial_v))
 _full_start_groups = jax.jit(jax.vmap(_full_start))
 _full_step_groups = jax.jit(jax.vmap(_full_step, in_axes=(0, 0, 0, 0, 0, 0, None)), static_argnums=6)
 _diag_start_groups = jax.jit(jax.vmap(_diag_start))
@@ -152,13 +153,17 @@ def _improving(history: list[np.ndarray], tol: float) -> bool:
 
 
 def jd_full(a: jax.Array, b: jax.Array, w: jax.Array, *, rank: int, tol: float = 1e-5, max_iter: int = 100,
-            seed: int = 0) -> Fit:
-    """JD-Full of k groups at once (a (k, n, r_i, d_in), b (k, n, d_out, r_i), w (k, n)): alternating subspace steps."""
+            seed: int = 0, v0: jax.Array | None = None) -> Fit:
+    """JD-Full of k groups at once (a (k, n, r_i, d_in), b (k, n, d_out, r_i), w (k, n)): alternating subspace steps.
+
+    v0 (k, d_in, rank), e.g. the bases of a previous fit, replaces the random start inside the adapters' span.
+    """
     rng = np.random.default_rng(seed)
     k, n, r_i = a.shape[:3]
-    probe_v = rng.standard_normal((k, n, r_i, rank)).astype(np.float32)
+    if v0 is None:
+        v0 = _initial_v_groups(a, w, rng.standard_normal((k, n, r_i, rank)).astype(np.float32))
     probe_u = rng.standard_normal((k, n, rank, rank)).astype(np.float32)
-    u, v, total, err = _full_start_groups(a, b, w, probe_v, probe_u)
+    u, v, total, err = _full_start_groups(a, b, w, v0, probe_u)
     history = [np.asarray(err, np.float64)]
     while len(history) <= max_iter and _improving(history, tol):
         u, v, err = _full_step_groups(a, b, w, u, v, total, rank)
