@@ -5,7 +5,9 @@ Each grid point runs each configured kind of measurement:
   strategy, rank and number of distinct adapters in the batch. Its collectives are counted in the compiled
   HLO (comm.communication_report), and it is timed on the mesh (median of `iters` calls after `warmup`),
   interleaved with the same step without adapters, so `ratio_to_base` is measured side by side.
-- `serve`: offline generation throughput through the Engine (bench_serve.run), with its base-only ratio.
+- `serve`: offline generation throughput through the Engine (bench_serve), with its base-only ratio.
+The `compressed` axis (default false) takes the adapters from a random compressed bank instead of the pool
+(one cluster, rank `rank`; under bdlora the block-diagonal variant with one block per device).
 Every finished point is appended to <out>/<name>/results.jsonl at once; a re-run skips the points already
 there (matched by kind and axis values) and rebuilds results.md and the PNG plots from all lines.
 Invalid combinations (e.g. a rank the model axis cannot divide) are recorded as skipped, with the reason.
@@ -55,6 +57,12 @@ def _dtype(value: Any) -> str:
     return value
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{value!r} is not a positive integer")
@@ -68,7 +76,10 @@ AXES: dict[str, Callable[[Any], Any]] = {
     "rank": _positive_int,
     "adapters": _positive_int,
     "batch": _positive_int,
+    "compressed": _boolean,
 }
+# Axes a config may leave out, and the values they then take.
+AXIS_DEFAULTS: dict[str, list] = {"compressed": [False]}
 
 # Fixed settings of every point: name -> (default, check).
 SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
@@ -137,7 +148,7 @@ def load_config(path: str | Path) -> AblationConfig:
             raise fail(f"grid.{axis}", f"unknown axis; expected one of {', '.join(AXES)}")
     values = {}
     for axis, check in AXES.items():
-        listed = grid.get(axis)
+        listed = grid.get(axis, AXIS_DEFAULTS.get(axis))
         if not isinstance(listed, list) or not listed:
             raise fail(f"grid.{axis}", f"expected a non-empty list of values, got {listed!r}")
         try:
@@ -181,6 +192,8 @@ def skip_reason(model_config: ModelConfig, point: dict[str, Any]) -> str | None:
         return f"batch {point['batch']} is not divisible by the data axis {data}"
     if point["adapters"] > point["batch"]:
         return f"{point['adapters']} distinct adapters do not fit in a batch of {point['batch']}"
+    if point["compressed"] and point["strategy"] == "bdlora" and model_config.num_kv_heads % model:
+        return f"the block-diagonal compressed bank needs the model axis {model} to divide the k/v outputs"
     mesh = make_mesh(point["mesh"])
     try:
         make_plan(mesh, point["strategy"], model_config, point["rank"])
@@ -197,12 +210,26 @@ def _serve_args(config: AblationConfig, point: dict[str, Any]) -> argparse.Names
                               adapters=str(point["adapters"]), repeats=s["repeats"], dtype=s["dtype"], json=True)
 
 
+def _compressed_engine(config: AblationConfig, point: dict[str, Any], directory: Path):
+    """An engine serving `adapters` random compressed adapters (rank `rank`, one cluster; under bdlora the
+    block-diagonal variant with one block per device), and no pool adapters."""
+    from .compress.synthetic import random_compressed_bank
+
+    model_config = _model_config(config.model)
+    blocks = parse_mesh(point["mesh"])[1] if point["strategy"] == "bdlora" else 1
+    random_compressed_bank(model_config, point["adapters"], point["rank"], blocks=blocks, prefix="c").save(directory)
+    return bench_serve._engine(_serve_args(config, point), max_loras=1, compressed_bank=directory)
+
+
 def _decode_point(config: AblationConfig, point: dict[str, Any]) -> dict:
     """Collectives and tokens/s of one decode step with `adapters` distinct adapters, beside the base step.
 
-    The step is comm.compile_decode_step's (forward on one token per row, cache donated), compiled here for the
-    engine's arrays; its HLO is counted with comm.count_collectives and the same executable is timed.
+    The adapters are pool adapters (BD-LoRA with one block per device, densified under replicated and slora) or,
+    with `compressed`, the adapters of a compressed bank. The step is comm.compile_decode_step's (forward on one
+    token per row, cache donated), compiled here for the engine's arrays; its HLO is counted with
+    comm.count_collectives and the same executable is timed.
     """
+    import tempfile
     from functools import partial
 
     import jax
@@ -210,21 +237,29 @@ def _decode_point(config: AblationConfig, point: dict[str, Any]) -> dict:
     import numpy as np
 
     from .comm import count_collectives
+    from .engine.generator import adapter_batch
     from .lora.synthetic import random_adapter
-    from .model.llama import AdapterBatch, forward, init_cache
+    from .model.llama import forward, init_cache
 
     s, batch, n = config.settings, point["batch"], point["adapters"]
-    engine = bench_serve._engine(_serve_args(config, point), max_loras=n)
+    names = [f"{'c' if point['compressed'] else 'a'}-{i % n}" for i in range(batch)]
+    if point["compressed"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = _compressed_engine(config, point, Path(tmp) / "bank")
+    else:
+        engine = bench_serve._engine(_serve_args(config, point), max_loras=n)
+        for i in range(n):
+            engine.add_adapter(f"a-{i}", random_adapter(engine.model_config, f"a-{i}", rank=point["rank"],
+                                                        nblocks=engine.plan.model_size, seed=i))
     plan, model_config = engine.plan, engine.model_config
-    for i in range(n):
-        engine.add_adapter(f"a{i}", random_adapter(model_config, f"a{i}", rank=point["rank"],
-                                                   nblocks=plan.model_size, seed=i))
-    slots = np.asarray(engine.pool.slots_for([f"a{i % n}" for i in range(batch)]), np.int32)
+    slots, clusters, sigma_ids = (jax.device_put(np.asarray(ids, np.int32), plan.sharding(("batch",)))
+                                  for ids in engine.resolve(names))
     rng = np.random.default_rng(0)
     tokens = jax.device_put(rng.integers(0, model_config.vocab_size, (batch, 1)).astype(np.int32),
                             plan.sharding(("batch", "seq")))
     start = jax.device_put(np.full((batch,), s["prompt_len"], np.int32), plan.sharding(("batch",)))
-    variants = {"base": None, "lora": AdapterBatch(engine.pool.bank, jax.device_put(slots, plan.sharding(("batch",))))}
+    variants = {"base": None,
+                "lora": adapter_batch(engine.pool.bank, engine.compressed_arrays, slots, clusters, sigma_ids)}
     caches = {label: init_cache(model_config, plan, batch, s["prompt_len"] + s["new_tokens"], jnp.dtype(s["dtype"]))
               for label in variants}
     step = jax.jit(partial(forward, engine.graphdef), donate_argnums=(3,))
@@ -260,12 +295,25 @@ def _decode_point(config: AblationConfig, point: dict[str, Any]) -> dict:
 
 
 def _serve_point(config: AblationConfig, point: dict[str, Any]) -> dict:
-    """End-to-end offline generation throughput with `adapters` distinct adapters (bench_serve.run)."""
-    report = bench_serve.run(_serve_args(config, point))
-    entry, base = report["results"][f"{point['adapters']} adapters"], report["results"]["base only"]
+    """End-to-end offline generation throughput with `adapters` distinct adapters (bench_serve), from the pool
+    or, with `compressed`, from a compressed bank."""
+    label = f"{point['adapters']} adapters"
+    if point["compressed"]:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = _compressed_engine(config, point, Path(tmp) / "bank")
+        s, n, batch = config.settings, point["adapters"], point["batch"]
+        configurations = {"base only": [None] * batch, label: [f"c-{i % n}" for i in range(batch)]}
+        results = bench_serve.throughput(engine, configurations, s["prompt_len"], s["new_tokens"], s["repeats"])
+        platform = engine.plan.mesh.devices.flat[0].platform
+    else:
+        report = bench_serve.run(_serve_args(config, point))
+        results, platform = report["results"], report["setup"]["platform"]
+    entry, base = results[label], results["base only"]
     return {"tokens_per_s": entry["tokens_per_s"], "base_tokens_per_s": base["tokens_per_s"],
             "ratio_to_base": entry["ratio_to_base"], "seconds": entry["seconds"], "base_seconds": base["seconds"],
-            "platform": report["setup"]["platform"]}
+            "platform": platform}
 
 
 def run_point(config: AblationConfig, kind: str, point: dict[str, Any]) -> dict:
@@ -382,12 +430,13 @@ def plot_results(lines: list[dict], out_dir: Path) -> list[Path]:
         fig, axs = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.5 * cols, 3.5 * -(-len(panels) // cols)),
                                 squeeze=False)
         for ax, (mesh, rank, batch) in zip(axs.flat, panels):
-            for strategy in STRATEGIES:
+            for strategy, compressed in itertools.product(STRATEGIES, (False, True)):
                 points = sorted((r["point"]["adapters"], r["tokens_per_s"]) for r in rows
                                 if (r["point"]["mesh"], r["point"]["rank"], r["point"]["batch"]) == (mesh, rank, batch)
-                                and r["point"]["strategy"] == strategy)
+                                and (r["point"]["strategy"], r["point"]["compressed"]) == (strategy, compressed))
                 if points:
-                    ax.plot(*zip(*points), marker="o", label=strategy)
+                    ax.plot(*zip(*points), marker="o", linestyle="--" if compressed else "-",
+                            label=f"{strategy}, compressed" if compressed else strategy)
             ax.set_xticks(sorted({r["point"]["adapters"] for r in rows}))
             ax.set(title=f"mesh {mesh}, rank {rank}, batch {batch}", xlabel="distinct adapters in the batch",
                    ylabel="tokens/s")
@@ -405,7 +454,8 @@ def plot_results(lines: list[dict], out_dir: Path) -> list[Path]:
         groups: dict[str, dict[str, float]] = {}
         for line in decode:
             p = line["point"]
-            group = groups.setdefault(f"{p['strategy']}\n{p['mesh']} r{p['rank']}", {})
+            group = groups.setdefault(f"{p['strategy']}{' (c)' if p['compressed'] else ''}\n{p['mesh']} r{p['rank']}",
+                                      {})
             for k, v in line["extra_per_layer"].items():
                 group[k] = max(group.get(k, 0.0), v)
         collectives = sorted({k for group in groups.values() for k in group})
@@ -416,7 +466,7 @@ def plot_results(lines: list[dict], out_dir: Path) -> list[Path]:
                    label=k)
         ax.set_xticks([i + width * (len(collectives) - 1) / 2 for i in range(len(groups))], list(groups))
         ax.set(ylabel="extra collectives per layer",
-               title="collectives the adapters add to the decode step\n(max over batch and adapters)")
+               title="collectives the adapters add to the decode step\n(max over batch and adapters; (c): compressed)")
         ax.legend()
         fig.tight_layout()
         written.append(out_dir / "decode_extra_collectives.png")

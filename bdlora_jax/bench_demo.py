@@ -16,24 +16,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=100, help="held-out inputs per adapter")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--compressed-bank", type=Path, default=None,
+                        help="serve the task adapters from this compressed bank (bdlora_jax.compress) instead")
     parser.add_argument("--json", action="store_true")
 
 
 def demo_accuracy(model: str = "demo", adapters_dir: Path | None = None, mesh: str = "1x1", strategy: str = "bdlora",
-                  n: int = 100, max_batch: int = 32, max_lora_rank: int = 16) -> dict:
-    """{"accuracy": {adapter: fraction exact}, "setup": {...}}: greedy answers, requests of all adapters interleaved."""
+                  n: int = 100, max_batch: int = 32, max_lora_rank: int = 16,
+                  compressed_bank: Path | None = None) -> dict:
+    """{"accuracy": {adapter: fraction exact}, "setup": {...}}: greedy answers, requests of all adapters interleaved.
+
+    With compressed_bank the task adapters are the bank's (named like the tasks) and nothing is registered.
+    """
     from .demo import DEMO_DIR
     from .demo.tasks import ADAPTER_TASKS, examples
     from .engine.engine import Engine
 
     adapters_dir = Path(adapters_dir) if adapters_dir is not None else DEMO_DIR / "adapters"
-    names = [t for t in ADAPTER_TASKS if (adapters_dir / t).is_dir()]
+    engine = Engine.from_pretrained(model, mesh=mesh, strategy=strategy, max_loras=len(ADAPTER_TASKS),
+                                    max_lora_rank=max_lora_rank, max_batch=max_batch, max_seq_len=64,
+                                    compressed_bank=compressed_bank)
+    if compressed_bank is not None:
+        names = [t for t in ADAPTER_TASKS if engine.has_adapter(t)]
+        source = compressed_bank
+    else:
+        names = [t for t in ADAPTER_TASKS if (adapters_dir / t).is_dir()]
+        source = adapters_dir
+        for name in names:
+            engine.add_adapter(name, adapters_dir / name)
     if not names:
-        raise SystemExit(f"{adapters_dir}: no task adapters ({', '.join(ADAPTER_TASKS)}) found")
-    engine = Engine.from_pretrained(model, mesh=mesh, strategy=strategy, max_loras=len(names), max_lora_rank=max_lora_rank,
-                                    max_batch=max_batch, max_seq_len=64)
-    for name in names:
-        engine.add_adapter(name, adapters_dir / name)
+        raise SystemExit(f"{source}: no task adapters ({', '.join(ADAPTER_TASKS)}) found")
     cases = {name: examples(name, n, HELD_OUT_SEED) for name in names}
     prompts, owners, expected = [], [], []
     for i in range(n):
@@ -48,16 +60,18 @@ def demo_accuracy(model: str = "demo", adapters_dir: Path | None = None, mesh: s
         tokens = [t for t in result.token_ids if t not in eos]
         correct[name] += int(result.finish_reason == "stop" and engine.tokenizer.decode(tokens) == want)
     return {"accuracy": {name: correct[name] / n for name in names},
-            "setup": {"model": engine.model_config.name, "mesh": mesh, "strategy": strategy, "n": n}}
+            "setup": {"model": engine.model_config.name, "mesh": mesh, "strategy": strategy, "n": n,
+                      "adapters": str(source), "compressed": compressed_bank is not None}}
 
 
 def run(args: argparse.Namespace) -> dict:
     return demo_accuracy(args.model, args.adapters_dir, args.mesh, args.strategy, args.n, args.max_batch,
-                         args.max_lora_rank)
+                         args.max_lora_rank, args.compressed_bank)
 
 
 def print_report(report: dict) -> None:
     s = report["setup"]
-    print(f"demo exact-match accuracy, {s['model']} on mesh {s['mesh']}, strategy {s['strategy']}, n={s['n']} per adapter")
+    print(f"demo exact-match accuracy, {s['model']} on mesh {s['mesh']}, strategy {s['strategy']}, n={s['n']} per adapter"
+          f", adapters from {s['adapters']}{' (compressed bank)' if s['compressed'] else ''}")
     for name, accuracy in report["accuracy"].items():
         print(f"{name:<10}{accuracy:>8.1%}")

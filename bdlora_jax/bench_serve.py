@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true")
 
 
-def _engine(args: argparse.Namespace, max_loras: int):
+def _engine(args: argparse.Namespace, max_loras: int, compressed_bank: Path | None = None):
+    """The engine of a bench run: a model directory or "demo", or a configs/models/*.yaml with random weights."""
     import jax.numpy as jnp
 
     from .config import EngineConfig, load_model_config_yaml
@@ -47,10 +48,17 @@ def _engine(args: argparse.Namespace, max_loras: int):
         engine_config = EngineConfig(mesh=args.mesh, strategy=args.strategy, max_loras=max_loras,
                                      max_lora_rank=args.rank, max_batch=args.batch, max_seq_len=max_seq_len,
                                      dtype=args.dtype, lora_impl="xla")
-        return Engine(config, init_model(config, plan, jnp.dtype(args.dtype)), engine_config, None, plan)
+        compressed = None
+        if compressed_bank is not None:
+            from .compress.store import load_compressed_bank
+            from .lora.compressed import CompressedServing
+
+            compressed = CompressedServing(load_compressed_bank(compressed_bank, config), config, plan,
+                                           str(compressed_bank), args.dtype)
+        return Engine(config, init_model(config, plan, jnp.dtype(args.dtype)), engine_config, None, plan, compressed)
     return Engine.from_pretrained(args.model, mesh=args.mesh, strategy=args.strategy, max_loras=max_loras,
                                   max_lora_rank=args.rank, max_batch=args.batch, max_seq_len=max_seq_len,
-                                  dtype=args.dtype, lora_impl="xla")
+                                  dtype=args.dtype, lora_impl="xla", compressed_bank=compressed_bank)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -63,35 +71,42 @@ def run(args: argparse.Namespace) -> dict:
     for i in range(max(counts + [1])):
         engine.add_adapter(f"a{i}", random_adapter(engine.model_config, f"a{i}", rank=args.rank, nblocks=nblocks,
                                                    seed=i))
-    rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(0, engine.model_config.vocab_size, args.prompt_len)) for _ in range(args.batch)]
     configurations = {"base only": [None] * args.batch, "1 adapter": ["a0"] * args.batch}
     configurations.update({f"{n} adapters": [f"a{i % n}" for i in range(args.batch)] for n in counts})
+    return {
+        "setup": {"model": engine.model_config.name, "mesh": args.mesh, "strategy": args.strategy, "batch": args.batch,
+                  "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rank": args.rank,
+                  "dtype": args.dtype, "platform": engine.plan.mesh.devices.flat[0].platform},
+        "results": throughput(engine, configurations, args.prompt_len, args.new_tokens, args.repeats),
+    }
+
+
+def throughput(engine, configurations: dict[str, list], prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Median tokens/s of generating for each configuration's per-request adapters, and each one's ratio to the
+    "base only" configuration; warmed up first, then timed interleaved so load drift hits all alike."""
+    batch = len(next(iter(configurations.values())))
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, engine.model_config.vocab_size, prompt_len)) for _ in range(batch)]
 
     def timed(names):
         start = time.perf_counter()
-        engine.generate(prompts, adapters=names, max_tokens=args.new_tokens, temperature=0.0)
+        engine.generate(prompts, adapters=names, max_tokens=new_tokens, temperature=0.0)
         return time.perf_counter() - start
 
     for names in configurations.values():
         timed(names)  # warm-up: compiles and loads every adapter into its slot
     samples: dict[str, list[float]] = {label: [] for label in configurations}
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits every configuration alike
+    for _ in range(repeats):
         for label, names in configurations.items():
             samples[label].append(timed(names))
     results = {}
     for label, times in samples.items():
         seconds = statistics.median(times)
-        results[label] = {"seconds": seconds, "tokens_per_s": args.batch * args.new_tokens / seconds}
+        results[label] = {"seconds": seconds, "tokens_per_s": batch * new_tokens / seconds}
     base = results["base only"]["tokens_per_s"]
     for entry in results.values():
         entry["ratio_to_base"] = entry["tokens_per_s"] / base
-    return {
-        "setup": {"model": engine.model_config.name, "mesh": args.mesh, "strategy": args.strategy, "batch": args.batch,
-                  "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rank": args.rank,
-                  "dtype": args.dtype, "platform": engine.plan.mesh.devices.flat[0].platform},
-        "results": results,
-    }
+    return results
 
 
 def print_report(report: dict) -> None:

@@ -17,7 +17,8 @@ from bdlora_jax.sharding import make_plan
 
 ROOT = Path(__file__).parent.parent
 SMOKE = ROOT / "configs" / "ablations" / "smoke.yaml"
-AXES = ("strategy", "mesh", "rank", "adapters", "batch")
+pytestmark = pytest.mark.xdist_group("ablate")  # one worker runs the shared smoke grid once
+AXES = ("strategy", "mesh", "rank", "adapters", "batch", "compressed")
 
 
 def _main_json(argv: list[str]) -> dict:
@@ -51,7 +52,8 @@ def test_results_hold_both_points_of_both_kinds(smoke):
     for line in lines:
         assert set(line) == fields[line["kind"]] and line["status"] == "ok" and line["model"] == "demo"
         assert list(line["point"]) == list(AXES)
-        assert {a: line["point"][a] for a in AXES if a != "strategy"} == {a: grid[a][0] for a in AXES if a != "strategy"}
+        assert {a: line["point"][a] for a in AXES if a != "strategy"} == {**{a: grid[a][0] for a in AXES[1:-1]},
+                                                                          "compressed": False}
         assert line["tokens_per_s"] > 0 and line["base_tokens_per_s"] > 0
         assert line["ratio_to_base"] == pytest.approx(line["tokens_per_s"] / line["base_tokens_per_s"])
         assert line["tokens_per_s"] == pytest.approx(line["point"]["batch"] * (1 if line["kind"] == "decode" else
@@ -148,7 +150,8 @@ BASE = {"name": "x", "model": "demo", "kinds": ["decode"],
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"grid": {**BASE["grid"], "compressed": [True]}}, "grid.compressed: unknown axis"),
+    ({"grid": {**BASE["grid"], "compressed": ["yes"]}}, "grid.compressed: 'yes' is not true or false"),
+    ({"grid": {**BASE["grid"], "adapter": [1]}}, "grid.adapter: unknown axis"),
     ({"grid": {**BASE["grid"], "rank": [8, 0]}}, "grid.rank: 0 is not a positive integer"),
     ({"grid": {**BASE["grid"], "mesh": ["8"]}}, "grid.mesh: mesh='8'"),
     ({"grid": {k: v for k, v in BASE["grid"].items() if k != "batch"}}, "grid.batch: expected a non-empty list"),
@@ -168,8 +171,19 @@ def test_config_errors_name_the_file_and_field(tmp_path, change, field):
 
 def test_bad_config_on_the_command_line_is_a_usage_error(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({**BASE, "grid": {**BASE["grid"], "compressed": [False]}}))
+    path.write_text(yaml.safe_dump({**BASE, "grid": {**BASE["grid"], "compresed": [False]}}))
     with pytest.raises(SystemExit) as exit_:
         main(["ablate", "--config", str(path)])
     assert exit_.value.code == 2
-    assert f"{path}: grid.compressed: unknown axis" in capsys.readouterr().err
+    assert f"{path}: grid.compresed: unknown axis" in capsys.readouterr().err
+
+
+def test_compressed_axis_serves_a_compressed_bank_with_no_extra_collectives(tmp_path):
+    """bdlora with the block-diagonal compressed bank: the decode step compiles to the base model's collectives."""
+    config = tmp_path / "compressed.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "name": "compressed", "grid": {**BASE["grid"], "compressed": [True]},
+                                      "iters": 2, "warmup": 1}))
+    report = _main_json(["ablate", "--config", str(config), "--out", str(tmp_path), "--json"])
+    (line,) = _lines(tmp_path / "compressed" / "results.jsonl")
+    assert report["ran"] == 1 and line["status"] == "ok" and line["point"]["compressed"] is True
+    assert line["collectives"] == line["base_collectives"] and line["tokens_per_s"] > 0

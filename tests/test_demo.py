@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bdlora_jax.bench_demo import demo_accuracy
-from bdlora_jax.demo import demo_adapters
+from bdlora_jax.demo import COMPRESSED_DIR, demo_adapters
 from bdlora_jax.demo.tasks import ADAPTER_TASKS, caesar, examples
 
 ROOT = Path(__file__).parent.parent
@@ -44,3 +44,16 @@ def test_bench_demo_accuracy_command_bdlora():
     report = json.loads(out.stdout)
     assert set(report["accuracy"]) == set(ADAPTER_TASKS)
     assert all(accuracy >= 0.9 for accuracy in report["accuracy"].values()), report
+
+
+def test_compressed_demo_bank_keeps_95_percent_of_the_accuracy():
+    """The shipped bank (the four task adapters at the rank docs/guides/compress-a-collection.md recommends)
+    served compressed, against the same adapters uncompressed, on the same held-out words."""
+    manifest = json.loads((COMPRESSED_DIR / "manifest.json").read_text())
+    assert (manifest["method"], manifest["rank"], manifest["clusters"]) == ("full", 32, 1)
+    assert "--rank 32" in (ROOT / "docs" / "guides" / "compress-a-collection.md").read_text()
+    plain = demo_accuracy(strategy="replicated", n=100)["accuracy"]
+    compressed = demo_accuracy(strategy="replicated", n=100, max_lora_rank=4, compressed_bank=COMPRESSED_DIR)
+    assert compressed["setup"]["compressed"] and set(compressed["accuracy"]) == set(plain)
+    for name, accuracy in plain.items():
+        assert compressed["accuracy"][name] >= 0.95 * accuracy, (name, compressed["accuracy"], plain)

@@ -71,7 +71,7 @@ def _lloyd(features: np.ndarray, k: int, rng: np.random.Generator, iterations: i
     centers = np.stack(centers)
     assign = np.full(len(features), -1)
     for _ in range(iterations):
-        new = np.argmin(((features[:, None, :] - centers[None]) ** 2).sum(-1), axis=1)
+        new = np.argmin((centers ** 2).sum(1) - 2.0 * features @ centers.T, axis=1)
         if np.array_equal(new, assign):
             break
         assign = new
