@@ -55,8 +55,9 @@ def _mean_error(bank) -> float:
     return float(np.mean([m.errors.mean() for m in bank.modules.values()]))
 
 
-def error_table(adapters, config, ranks, clusters, method: str) -> list[dict]:
-    """Mean relative error and fit time for every (rank, clusters), with the per-adapter SVD baseline."""
+def error_table(adapters, config, ranks, clusters, method: str, keep: tuple[int, int] | None = None):
+    """Mean relative error and fit time for every (rank, clusters), with the per-adapter SVD baseline; and the
+    bank fitted at `keep` = (rank, clusters) if the table has it (None otherwise)."""
     import jax.numpy as jnp
 
     from .compress.compressor import compress_adapters
@@ -64,7 +65,7 @@ def error_table(adapters, config, ranks, clusters, method: str) -> list[dict]:
     from .compress.problems import build_problem, target_modules
 
     problems = [build_problem(adapters, layer, module, 1, 0, config) for layer, module in target_modules(adapters)]
-    rows = []
+    rows, kept = [], None
     for rank in ranks:
         svd = float(np.mean([np.asarray(truncated_svd_errors(jnp.asarray(p.a), jnp.asarray(p.b), rank=rank)).mean()
                              for p in problems]))
@@ -73,7 +74,9 @@ def error_table(adapters, config, ranks, clusters, method: str) -> list[dict]:
             bank = compress_adapters(adapters, config, rank, k, method, progress=False)
             rows.append({"rank": rank, "clusters": k, "method": method, "error": _mean_error(bank),
                          "svd_error": svd, "fit_seconds": time.perf_counter() - start, "rounds": bank.fit["rounds"]})
-    return rows
+            if (rank, k) == keep:
+                kept = bank
+    return rows, kept
 
 
 def _throughput(engine, prompts, names, new_tokens: int, repeats: int) -> float:
@@ -123,10 +126,11 @@ def run(args: argparse.Namespace) -> dict:
     adapters = clustered_adapters(config, args.adapters, args.adapter_rank, args.families, args.noise)
     ranks = [int(r) for r in args.ranks.split(",") if r]
     clusters = [int(c) for c in args.clusters.split(",") if c]
-    report = {"setup": {k: v for k, v in vars(args).items() if k != "json"},
-              "errors": error_table(adapters, config, ranks, clusters, args.method)}
+    rows, bank = error_table(adapters, config, ranks, clusters, args.method, (args.serve_rank, args.serve_clusters))
+    report = {"setup": {k: v for k, v in vars(args).items() if k != "json"}, "errors": rows}
     if not args.skip_serving:
-        bank = compress_adapters(adapters, config, args.serve_rank, args.serve_clusters, args.method)
+        if bank is None:
+            bank = compress_adapters(adapters, config, args.serve_rank, args.serve_clusters, args.method)
         with tempfile.TemporaryDirectory() as tmp:
             bank.save(Path(tmp) / "bank")
             report["serve_error"] = _mean_error(bank)

@@ -79,8 +79,8 @@ def _abstract_params(config: ModelConfig, plan: ShardingPlan, dtype):
 
 
 def compile_decode_step(config: ModelConfig, plan: ShardingPlan, shape: DecodeShape, with_lora: bool,
-                        compressed: CompressedLayout | None = None) -> str:
-    """Compiled HLO text of one decode step (one token per row, cache donated), with or without adapters.
+                        compressed: CompressedLayout | None = None) -> jax.stages.Compiled:
+    """One decode step (one token per row, cache donated) compiled from abstract shapes, with or without adapters.
 
     compressed: also serve a compressed bank of this layout (needs with_lora: it rides on the adapter batch).
     """
@@ -101,13 +101,13 @@ def compile_decode_step(config: ModelConfig, plan: ShardingPlan, shape: DecodeSh
             adapters = adapters._replace(compressed=abstract_compressed(compressed, plan, shape.dtype), clusters=ids,
                                          sigma_ids=ids)
     step = jax.jit(partial(forward, graphdef), donate_argnums=(3,))
-    return step.lower(state, tokens, start, cache, adapters).compile().as_text()
+    return step.lower(state, tokens, start, cache, adapters).compile()
 
 
 def communication_report(config: ModelConfig, plan: ShardingPlan, shape: DecodeShape) -> dict:
     """Collectives of the base decode step, with the strategy's adapters, and the difference (extra)."""
-    base = count_collectives(compile_decode_step(config, plan, shape, with_lora=False))
-    with_lora = count_collectives(compile_decode_step(config, plan, shape, with_lora=True))
+    base = count_collectives(compile_decode_step(config, plan, shape, with_lora=False).as_text())
+    with_lora = count_collectives(compile_decode_step(config, plan, shape, with_lora=True).as_text())
     extra = {}
     for kind in sorted(set(base) | set(with_lora)):
         b, w = base.get(kind, {"count": 0, "bytes": 0}), with_lora.get(kind, {"count": 0, "bytes": 0})

@@ -28,17 +28,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import yaml
 
-from .comm import DecodeShape, _abstract_params, count_collectives
+from .comm import DecodeShape, compile_decode_step, count_collectives
 from .config import LORA_MODULES, ModelConfig
-from .lora.bank import BankLayout, abstract_bank, weight_axes
-from .model.llama import CACHE_AXES, AdapterBatch, abstract_cache, forward
+from .lora.bank import BankLayout, weight_axes
+from .model.llama import CACHE_AXES
 from .sharding import ShardingPlan
 
 PROFILE_FIELDS = ("hbm_bandwidth", "peak_flops", "collective_latency", "link_bandwidth")
@@ -206,22 +205,6 @@ def analytic_bytes(config: ModelConfig, plan: ShardingPlan, shape: DecodeShape, 
     return itemsize * (_weight_numel(config, plan) + kv + lora)
 
 
-def compile_step(config: ModelConfig, plan: ShardingPlan, shape: DecodeShape, with_lora: bool) -> jax.stages.Compiled:
-    """The compiled decode step (abstract shapes, cache donated), as comm.compile_decode_step builds it."""
-    dtype = jnp.dtype(shape.dtype)
-    graphdef, state = _abstract_params(config, plan, dtype)
-    row = plan.sharding(("batch",))
-    tokens = jax.ShapeDtypeStruct((shape.batch, 1), jnp.int32, sharding=plan.sharding(("batch", "seq")))
-    start = jax.ShapeDtypeStruct((shape.batch,), jnp.int32, sharding=row)
-    cache = abstract_cache(config, plan, shape.batch, shape.max_seq_len, dtype)
-    adapters = None
-    if with_lora:
-        layout = BankLayout.for_plan(config, plan, shape.max_loras, shape.rank, shape.dtype)
-        adapters = AdapterBatch(abstract_bank(layout, plan), jax.ShapeDtypeStruct((shape.batch,), jnp.int32, sharding=row))
-    step = jax.jit(partial(forward, graphdef), donate_argnums=(3,))
-    return step.lower(state, tokens, start, cache, adapters).compile()
-
-
 def _reported_flops(compiled: jax.stages.Compiled) -> float | None:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):
@@ -233,7 +216,7 @@ def _reported_flops(compiled: jax.stages.Compiled) -> float | None:
 def step_cost(config: ModelConfig, plan: ShardingPlan, shape: DecodeShape, with_lora: bool = True,
               adapters: int = 1) -> StepCost:
     """StepCost of a compiled decode step: cost_analysis FLOPs (analytic if absent), analytic bytes, HLO collectives."""
-    compiled = compile_step(config, plan, shape, with_lora)
+    compiled = compile_decode_step(config, plan, shape, with_lora)
     flops = _reported_flops(compiled)
     source = "cost_analysis"
     if flops is None:

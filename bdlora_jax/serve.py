@@ -338,12 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name or not path:
             raise SystemExit(f"--lora-modules {item!r}: expected NAME=PATH")
         modules[name] = Path(path)
-    if args.model == "demo":
-        modules = {**demo_adapters(), **modules}
     engine = Engine.from_pretrained(args.model, mesh=args.mesh, strategy=args.strategy, max_loras=args.max_loras,
                                     max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
                                     max_seq_len=args.max_seq_len, dtype=args.dtype,
                                     compressed_bank=args.compressed_bank)
+    if args.model == "demo":  # the shipped task adapters, unless a compressed bank already serves their names
+        shipped = {name: path for name, path in demo_adapters().items() if not engine.has_adapter(name)}
+        if len(shipped) < len(demo_adapters()):
+            log.info("demo adapters %s are served from the compressed bank", sorted(set(demo_adapters()) - set(shipped)))
+        modules = {**shipped, **modules}
     for name, path in modules.items():
         engine.add_adapter(name, path)
     served = args.served_model_name or ("demo" if args.model == "demo" else Path(args.model).resolve().name)

@@ -164,7 +164,7 @@ SHAPE = DecodeShape(batch=8, max_seq_len=16, max_loras=2, rank=16, dtype="float3
 def _counts(strategy: str, with_lora: bool, bank=None) -> dict:
     plan = make_plan(make_mesh("1x8"), strategy, TINY, SHAPE.rank)
     layout = CompressedLayout.for_bank(bank, TINY, plan, "bank") if bank is not None else None
-    counts = count_collectives(compile_decode_step(TINY, plan, SHAPE, with_lora=with_lora, compressed=layout))
+    counts = count_collectives(compile_decode_step(TINY, plan, SHAPE, with_lora=with_lora, compressed=layout).as_text())
     return {kind: counts.get(kind, {"count": 0, "bytes": 0}) for kind in ("all-reduce", "all-gather")} | counts
 
 
