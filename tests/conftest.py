@@ -2,10 +2,14 @@
 
 import os
 
-# Compile-time optimisation off for the CPU test runs: the suite is dominated by compiling many small
-# programs, and every numeric check compares against a reference within a tolerance.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# One persistent compilation cache per test session, shared by the xdist workers and every subprocess the
+# tests start (servers, guides, bench commands): the suite compiles the same small programs many times.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bdlora_jax_test_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402
