@@ -21,23 +21,19 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from . import bench_ablate, bench_compress, bench_cost, bench_demo, bench_serve
 from .mesh import emulate_host_devices
 
 
 def _model_config(spec: str):
-    """A ModelConfig from a configs/models/*.yaml file or a Hugging Face model directory."""
-    from .checkpoint import load_model_config
-    from .config import load_model_config_yaml
+    """A ModelConfig from --model ("demo", a configs/models/*.yaml file or a Hugging Face model directory)."""
+    from .checkpoint import resolve_model_config
 
-    path = Path(spec)
-    if path.is_dir():
-        return load_model_config(path)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return load_model_config_yaml(path)
-    raise SystemExit(f"--model {spec!r}: expected a configs/models/*.yaml file or a Hugging Face model directory")
+    try:
+        return resolve_model_config(spec)
+    except ValueError as e:
+        raise SystemExit(f"--model {spec!r}: {e}") from None
 
 
 def run_comm(args: argparse.Namespace) -> dict:

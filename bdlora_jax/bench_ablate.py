@@ -166,19 +166,6 @@ def load_config(path: str | Path) -> AblationConfig:
     return AblationConfig(path, name, model, tuple(kinds), values, settings)
 
 
-def _model_config(model: str) -> ModelConfig:
-    """The ModelConfig of "demo" (the shipped model) or of a configs/models/*.yaml file."""
-    import dataclasses
-
-    from .checkpoint import load_model_config
-    from .config import load_model_config_yaml
-    from .demo import MODEL_DIR
-
-    if model == "demo":
-        return dataclasses.replace(load_model_config(MODEL_DIR), name="demo")
-    return load_model_config_yaml(model)
-
-
 def skip_reason(model_config: ModelConfig, point: dict[str, Any]) -> str | None:
     """Why a grid point cannot run (None if it can): shapes the mesh does not divide, or more adapters than rows."""
     from .mesh import make_mesh
@@ -213,9 +200,10 @@ def _serve_args(config: AblationConfig, point: dict[str, Any]) -> argparse.Names
 def _compressed_engine(config: AblationConfig, point: dict[str, Any], directory: Path):
     """An engine serving `adapters` random compressed adapters (rank `rank`, one cluster; under bdlora the
     block-diagonal variant with one block per device), and no pool adapters."""
+    from .checkpoint import resolve_model_config
     from .compress.synthetic import random_compressed_bank
 
-    model_config = _model_config(config.model)
+    model_config = resolve_model_config(config.model)
     blocks = parse_mesh(point["mesh"])[1] if point["strategy"] == "bdlora" else 1
     random_compressed_bank(model_config, point["adapters"], point["rank"], blocks=blocks, prefix="c").save(directory)
     return bench_serve._engine(_serve_args(config, point), max_loras=1, compressed_bank=directory)
@@ -498,6 +486,8 @@ def run(args: argparse.Namespace) -> dict:
     """Run every grid point not yet in results.jsonl, then write results.md and the plots from all lines."""
     from tqdm import tqdm
 
+    from .checkpoint import resolve_model_config
+
     config: AblationConfig = args.config
     out_dir = args.out / config.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -507,7 +497,7 @@ def run(args: argparse.Namespace) -> dict:
     work = [(kind, point) for point in config.points() for kind in config.kinds]
     pending = [(kind, point) for kind, point in work if point_key(kind, point) not in done]
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    model_config = _model_config(config.model)
+    model_config = resolve_model_config(config.model)
     reasons: dict[tuple, str | None] = {}
     with tqdm(total=len(work), initial=len(work) - len(pending), desc=config.name, unit="measurement",
               disable=args.json) as progress:

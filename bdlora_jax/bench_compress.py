@@ -44,13 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true")
 
 
-def _model_config(model: str):
-    from .checkpoint import load_model_config
-    from .demo import MODEL_DIR
-
-    return load_model_config(MODEL_DIR if model == "demo" else Path(model))
-
-
 def _mean_error(bank) -> float:
     return float(np.mean([m.errors.mean() for m in bank.modules.values()]))
 
@@ -119,10 +112,11 @@ def serving_table(adapters, config, args, bank_dir: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from .checkpoint import resolve_model_config
     from .compress.compressor import compress_adapters
     from .compress.synthetic import clustered_adapters
 
-    config = _model_config(args.model)
+    config = resolve_model_config(args.model)
     adapters = clustered_adapters(config, args.adapters, args.adapter_rank, args.families, args.noise)
     ranks = [int(r) for r in args.ranks.split(",") if r]
     clusters = [int(c) for c in args.clusters.split(",") if c]

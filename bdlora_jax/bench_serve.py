@@ -50,11 +50,9 @@ def _engine(args: argparse.Namespace, max_loras: int, compressed_bank: Path | No
                                      dtype=args.dtype, lora_impl="xla")
         compressed = None
         if compressed_bank is not None:
-            from .compress.store import load_compressed_bank
             from .lora.compressed import CompressedServing
 
-            compressed = CompressedServing(load_compressed_bank(compressed_bank, config), config, plan,
-                                           str(compressed_bank), args.dtype)
+            compressed = CompressedServing.from_directory(compressed_bank, config, plan, args.dtype)
         return Engine(config, init_model(config, plan, jnp.dtype(args.dtype)), engine_config, None, plan, compressed)
     return Engine.from_pretrained(args.model, mesh=args.mesh, strategy=args.strategy, max_loras=max_loras,
                                   max_lora_rank=args.rank, max_batch=args.batch, max_seq_len=max_seq_len,

@@ -42,6 +42,24 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return model_config_from_dict(data, str(config_path))
 
 
+
+def resolve_model_config(spec: str | Path) -> ModelConfig:
+    """ModelConfig of "demo" (the shipped model), a configs/models/*.yaml file, or a Hugging Face model directory."""
+    import dataclasses
+
+    from .config import load_model_config_yaml
+    from .demo import MODEL_DIR
+
+    if str(spec) == "demo":
+        return dataclasses.replace(load_model_config(MODEL_DIR), name="demo")
+    path = Path(spec)
+    if path.is_dir():
+        return load_model_config(path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return load_model_config_yaml(path)
+    raise CheckpointError(f"model {str(spec)!r}: expected 'demo', a configs/models/*.yaml file or a Hugging Face "
+                          "model directory")
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file holding it."""
     index = path / INDEX_FILE

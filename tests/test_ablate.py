@@ -11,6 +11,7 @@ import yaml
 
 from bdlora_jax import bench_ablate
 from bdlora_jax.bench import main
+from bdlora_jax.checkpoint import resolve_model_config
 from bdlora_jax.comm import DecodeShape, communication_report
 from bdlora_jax.mesh import make_mesh
 from bdlora_jax.sharding import make_plan
@@ -62,7 +63,7 @@ def test_results_hold_both_points_of_both_kinds(smoke):
 
 def test_decode_collectives_equal_the_communication_report(smoke):
     settings = smoke["config"]
-    config = bench_ablate._model_config(settings["model"])
+    config = resolve_model_config(settings["model"])
     decode = {line["point"]["strategy"]: line for line in _lines(smoke["dir"] / "results.jsonl")
               if line["kind"] == "decode"}
     p = decode["slora"]["point"]

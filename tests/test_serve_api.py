@@ -449,10 +449,8 @@ def test_lora_root(secured_app, engine, lora_root, adapter_dirs):
 # ---------------------------------------------------------------------------------------------- unload while in use
 
 
-def test_unload_adapter_of_running_request(app, scheduler, adapter_dirs, monkeypatch):
-    """Unloading an adapter that a running request uses is refused (409) until the request has finished;
-    the running request is not disturbed and completes, and afterwards the unload succeeds."""
-    assert load(app, "held", adapter_dirs["dense"]).status_code == 200
+def call_spy(scheduler):
+    """(event, stand-in for scheduler.call that sets the event once a command is queued)."""
     queued = threading.Event()
     real_call = scheduler.call
 
@@ -460,6 +458,15 @@ def test_unload_adapter_of_running_request(app, scheduler, adapter_dirs, monkeyp
         future = real_call(fn)
         queued.set()
         return future
+
+    return queued, spy
+
+
+def test_unload_adapter_of_running_request(app, scheduler, adapter_dirs, monkeypatch):
+    """Unloading an adapter that a running request uses is refused (409) until the request has finished;
+    the running request is not disturbed and completes, and afterwards the unload succeeds."""
+    assert load(app, "held", adapter_dirs["dense"]).status_code == 200
+    queued, spy = call_spy(scheduler)
 
     monkeypatch.setattr(scheduler, "call", spy)
 
@@ -492,13 +499,7 @@ def test_unload_adapter_of_waiting_request(app, scheduler, adapter_dirs, monkeyp
     """A request that was accepted but has not started yet also holds its adapter: the unload gets 409 and the
     request then runs normally."""
     assert load(app, "queued", adapter_dirs["bd"]).status_code == 200
-    queued = threading.Event()
-    real_call = scheduler.call
-
-    def spy(fn):
-        future = real_call(fn)
-        queued.set()
-        return future
+    queued, spy = call_spy(scheduler)
 
     async def go():
         async with client(app) as c:

@@ -50,13 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..checkpoint import load_model_config
-    from ..demo import MODEL_DIR
+    from ..checkpoint import resolve_model_config
     from ..lora.peft_io import read_adapter
     from .compressor import compress_adapters
 
     try:
-        config = load_model_config(MODEL_DIR if args.model == "demo" else Path(args.model))
+        config = resolve_model_config(args.model)
         dirs = adapter_dirs(args.adapters)
         adapters = [read_adapter(d, config, d.name) for d in dirs]
         bank = compress_adapters(adapters, config, args.rank, args.clusters, args.method, args.blocks,

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
-from ..compress.store import load_compressed_bank
 from ..config import EngineConfig, ModelConfig
 from ..lora.adapter import LoraAdapter
 from ..lora.bank import BankLayout
@@ -78,8 +77,7 @@ class Engine:
         plan = make_plan(make_mesh(mesh), strategy, model_config, max_lora_rank)
         compressed = None
         if compressed_bank is not None:
-            bank = load_compressed_bank(compressed_bank, model_config)
-            compressed = CompressedServing(bank, model_config, plan, str(compressed_bank), dtype)
+            compressed = CompressedServing.from_directory(compressed_bank, model_config, plan, dtype)
         impl = resolve_impl(lora_impl, plan.mesh.devices.flat[0].platform)
         params = load_hf_params(path, model_config, plan, jnp.dtype(dtype), lora_impl=impl)
         return cls(model_config, params, config, tokenizer, plan, compressed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +157,13 @@ class CompressedServing:
             self.arrays[key] = tuple(
                 jax.device_put(a.astype(jnp.dtype(dtype)), plan.sharding(axes))
                 for a, (_, axes) in zip(arrays, self.layout.shapes(module)))
+
+    @classmethod
+    def from_directory(cls, path: str | Path, config: ModelConfig, plan: ShardingPlan, dtype: str) -> CompressedServing:
+        """Load a compressed-bank directory (validated against the model) and place it on the plan."""
+        from ..compress.store import load_compressed_bank
+
+        return cls(load_compressed_bank(path, config), config, plan, str(path), dtype)
 
     def __contains__(self, name: object) -> bool:
         return name in self.ids
