@@ -207,3 +207,65 @@ def test_validate_names_the_bad_field(field, value, message):
 def test_seed_outside_int32_is_refused(seed):
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2147483647\]"):
         SamplingParams(seed=seed).validate(64)
+
+
+def test_top_candidates_equal_lax_top_k_with_ties():
+    from bdlora_jax.engine.sampler import CANDIDATES, top_candidates
+
+    rng = np.random.default_rng(3)
+    smooth = rng.normal(size=(4, 50_000)).astype(np.float32)
+    tied = rng.integers(0, 5, size=(4, 50_000)).astype(np.float32)  # thousands of ties at every value
+    for logits in (smooth, tied):
+        values, index = top_candidates(jnp.asarray(logits), CANDIDATES)
+        want_values, want_index = jax.lax.top_k(jnp.asarray(logits), CANDIDATES)
+        np.testing.assert_array_equal(values, want_values)
+        np.testing.assert_array_equal(index, want_index)
+
+
+def test_greedy_batch_on_a_large_vocabulary_is_argmax():
+    logits = np.random.default_rng(4).normal(size=(ROWS, 32_000)).astype(np.float32)
+    logits[3, [7, 900]] = 50.0  # a tie: the lower index wins, as with argmax
+    np.testing.assert_array_equal(_run(logits, 0.0, 0.9, 50), np.argmax(logits, axis=-1))
+
+
+def _large_vocab_case(seed: int):
+    """Peaked rows over a 4096-token vocabulary, so top-k <= CANDIDATES and most top-p nuclei fit the candidates."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(size=(ROWS, 4096)) * 4).astype(np.float32)
+    top_k = np.where(np.arange(ROWS) % 2 == 0, rng.integers(1, 64, ROWS), 0).astype(np.int32)
+    top_p = np.where(np.arange(ROWS) % 2 == 0, 1.0, rng.uniform(0.3, 0.95, ROWS)).astype(np.float32)
+    return logits, rng.uniform(0.5, 1.5, ROWS).astype(np.float32), top_p, top_k
+
+
+def test_candidate_draws_equal_the_sorted_draws_with_the_same_uniforms():
+    from bdlora_jax.engine.sampler import _draw_candidates, _draw_sorted
+
+    logits, temperature, top_p, top_k = _large_vocab_case(seed=8)
+    scaled = (logits - logits.max(axis=-1, keepdims=True)) / temperature[:, None]
+    u = np.random.default_rng(9).uniform(size=ROWS).astype(np.float32)
+    by_candidates, fits = jax.jit(_draw_candidates)(scaled, top_k, top_p, u)
+    by_sorting = jax.jit(_draw_sorted)(scaled, top_k, top_p, u)
+    fits = np.asarray(fits)
+    assert fits[top_k > 0].all() and fits.sum() > ROWS * 3 // 4
+    np.testing.assert_array_equal(np.asarray(by_candidates)[fits], np.asarray(by_sorting)[fits])
+
+
+def test_rows_the_candidates_cannot_hold_take_the_sorted_path():
+    from bdlora_jax.engine.sampler import _draw_sorted
+
+    flat = np.zeros((ROWS, 4096), np.float32)  # a top-p 0.9 nucleus of 3687 tokens, and top-k 1000
+    temperature, top_p = np.ones(ROWS, np.float32), np.full(ROWS, 0.9, np.float32)
+    top_k = np.where(np.arange(ROWS) % 2 == 0, 1000, 0).astype(np.int32)
+    drawn = _run(flat, temperature, top_p, top_k)
+    u = jax.vmap(lambda key: jax.random.uniform(key, ()))(jax.random.wrap_key_data(KEYS[:ROWS]))
+    np.testing.assert_array_equal(drawn, jax.jit(_draw_sorted)(flat, top_k, top_p, u))
+    assert drawn[top_k == 1000].max() < 1000 and drawn[top_k == 0].max() < 3687
+
+
+def test_unfiltered_draws_over_many_chunks_in_proportion():
+    logits_row = np.full(1000, -np.inf, np.float32)
+    logits_row[[5, 300, 640, 999]] = [0.0, 1.0, -1.0, 0.5]  # four tokens in four different chunks
+    tokens = _run(np.broadcast_to(logits_row, (DRAWS, 1000)), 1.0, 1.0, 0)
+    counts = np.bincount(tokens, minlength=1000)
+    probs = np.exp(np.where(np.isfinite(logits_row), logits_row, -np.inf))
+    assert _chi_square(counts, probs / probs.sum()) < 16.3  # 3 degrees of freedom, p = 0.001

@@ -1,4 +1,10 @@
-"""Per-row token sampling (greedy, temperature, top-k, top-p) in one jitted call, so a decode batch mixes requests."""
+"""Per-row token sampling (greedy, temperature, top-k, top-p) in one jitted call, without sorting the vocabulary.
+
+A decode batch mixes requests. A batch whose rows are all greedy costs one argmax. A sampling row draws by inverse
+CDF with one uniform from its own key, over the smallest set that is exact for its filters: the CANDIDATES largest
+tokens (found chunk-wise) when top-k or the top-p nucleus fits in them, the whole vocabulary when no filter is set,
+and the sorted vocabulary otherwise. The path depends on the row alone, so a seeded request draws alike in any batch.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +46,10 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be in [0, {vocab_size}), got {bad}")
 
 
+CANDIDATES = 64  # tokens a top-k / top-p row draws from without touching the rest of the vocabulary
+CHUNK = 128  # vocabulary entries per chunk when finding candidates and drawing over the whole vocabulary
+
+
 def _top_k_keep(vocab: int, top_k: jax.Array) -> jax.Array:
     """Mask over descending-sorted positions keeping exactly the first k (all of them where k is 0)."""
     k = jnp.where(top_k > 0, top_k, vocab)
@@ -57,6 +67,101 @@ def _top_p_keep(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return (before < top_p[:, None]) | (top_p[:, None] >= 1)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """Index of each row's maximum, the lowest on ties (as argmax), from two plain reductions instead of a variadic one."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1]), x.shape[-1]), axis=-1).astype(jnp.int32)
+
+
+def _chunked(x: jax.Array, fill: float) -> jax.Array:
+    """(rows, vocab) as (rows, chunks, CHUNK), the tail padded with `fill`."""
+    pad = (-x.shape[-1]) % CHUNK
+    return jnp.pad(x, ((0, 0), (0, pad)), constant_values=fill).reshape(x.shape[0], -1, CHUNK)
+
+
+def top_candidates(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Exact lax.top_k(x, k) (values descending, lower index first on ties) without a pass of top_k over the vocabulary.
+
+    The k largest entries lie in the k chunks with the largest maxima, so top_k runs on those chunks' maxima and
+    then on the k·CHUNK entries they hold, kept in vocabulary order so ties still resolve to the lower index.
+    """
+    if x.shape[-1] <= k * CHUNK:
+        return jax.lax.top_k(x, k)
+    chunks = _chunked(x, -jnp.inf)
+    _, chosen = jax.lax.top_k(jnp.max(chunks, axis=-1), k)
+    chosen = jnp.sort(chosen, axis=-1)
+    values = jnp.take_along_axis(chunks, chosen[:, :, None], axis=1).reshape(x.shape[0], k * CHUNK)
+    top, position = jax.lax.top_k(values, k)
+    index = jnp.take_along_axis(chosen, position // CHUNK, axis=1) * CHUNK + position % CHUNK
+    return top, index.astype(jnp.int32)
+
+
+def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """Per row, the position where the running sum of non-negative weights first exceeds u·total (u in [0, 1))."""
+    running = jnp.cumsum(weights, axis=-1)
+    target = u * running[:, -1]
+    position = jnp.sum(running <= target[:, None], axis=-1)
+    last = weights.shape[-1] - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(position, last).astype(jnp.int32)
+
+
+def _draw_vocabulary(scaled: jax.Array, u: jax.Array) -> jax.Array:
+    """A draw from softmax(scaled) over the whole vocabulary: inverse CDF over chunk sums, then within the chunk."""
+    weights = _chunked(jnp.exp(scaled), 0.0)
+    sums = jnp.sum(weights, axis=-1)
+    chunk = _inverse_cdf(sums, u)
+    running = jnp.cumsum(sums, axis=-1)
+    before = jnp.take_along_axis(running - sums, chunk[:, None], axis=1)[:, 0]
+    mass = jnp.take_along_axis(sums, chunk[:, None], axis=1)[:, 0]
+    inner = jnp.clip((u * running[:, -1] - before) / mass, 0.0, 1.0 - 1e-7)
+    within = _inverse_cdf(jnp.take_along_axis(weights, chunk[:, None, None], axis=1)[:, 0], inner)
+    return chunk * CHUNK + within
+
+
+def _draw_candidates(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, u: jax.Array):
+    """(token, fits) per row: a draw after top-k then top-p among the CANDIDATES largest tokens, and whether those
+    candidates hold every token the row's filters keep (so the draw is the exact one)."""
+    k = min(CANDIDATES, scaled.shape[-1])
+    values, index = top_candidates(scaled, k)
+    keep_k = jnp.arange(k)[None, :] < jnp.where((top_k > 0) & (top_k <= k), top_k, k)[:, None]
+    # top-p normalises over what top-k keeps: the candidates when top_k <= k, the whole vocabulary when top_k is 0
+    log_total = jnp.where(top_k > 0, jax.nn.logsumexp(jnp.where(keep_k, values, -jnp.inf), axis=-1),
+                          jax.nn.logsumexp(scaled, axis=-1))
+    probs = jnp.where(keep_k, jnp.exp(values - log_total[:, None]), 0.0)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = keep_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1))
+    position = _inverse_cdf(jnp.where(keep, jnp.exp(values - values[:, :1]), 0.0), u)
+    fits = ((top_k > 0) & (top_k <= k)) | ((top_k == 0) & (top_p < 1) & (jnp.sum(probs, axis=-1) >= top_p))
+    return jnp.take_along_axis(index, position[:, None], axis=1)[:, 0], fits
+
+
+def _draw_sorted(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, u: jax.Array) -> jax.Array:
+    """The exact draw after top-k then top-p over the whole sorted vocabulary (for filters the candidates can't hold)."""
+    order = jnp.argsort(scaled, axis=-1, descending=True, stable=True)
+    ordered = jnp.take_along_axis(scaled, order, axis=-1)
+    ordered = jnp.where(_top_k_keep(scaled.shape[-1], top_k), ordered, -jnp.inf)
+    ordered = jnp.where(_top_p_keep(ordered, top_p), ordered, -jnp.inf)
+    position = _inverse_cdf(jnp.exp(ordered), u)
+    return jnp.take_along_axis(order, position[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _draw(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array, keys: jax.Array):
+    """Each sampling row's token by the cheapest exact path for that row; a path runs only if some row needs it."""
+    rows = logits.shape[0]
+    # shift so the maximum is 0 before dividing: tiny temperatures then give -inf, never +inf or nan
+    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / t
+    u = jax.vmap(lambda key: jax.random.uniform(key, ()))(jax.random.wrap_key_data(keys))
+    sampling = temperature > 0
+    unfiltered = (top_k == 0) & (top_p >= 1)
+    by_candidates, fits = _draw_candidates(scaled, top_k, top_p, u)
+    nothing = jnp.zeros((rows,), jnp.int32)
+    by_vocabulary = jax.lax.cond(jnp.any(sampling & unfiltered), _draw_vocabulary, lambda *_: nothing, scaled, u)
+    by_sorting = jax.lax.cond(jnp.any(sampling & ~unfiltered & ~fits), _draw_sorted, lambda *_: nothing,
+                              scaled, top_k, top_p, u)
+    return jnp.where(unfiltered, by_vocabulary, jnp.where(fits, by_candidates, by_sorting))
+
+
 @jax.jit
 def sample(
     logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array, keys: jax.Array
@@ -64,21 +169,15 @@ def sample(
     """Next token per row: argmax where temperature is 0, else a draw after temperature, top-k then top-p.
 
     logits (rows, vocab); temperature, top_p float32 (rows,); top_k int32 (rows,); keys (rows, 2) uint32 key data.
-    Returns int32 (rows,).
+    Returns int32 (rows,). A batch of greedy rows costs one argmax; the draws run only when a row samples.
     """
     logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
-    order = jnp.argsort(logits, axis=-1, descending=True, stable=True)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    # shift so the maximum is 0 before dividing: tiny temperatures then give -inf, never +inf or nan
-    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    scaled = (sorted_logits - sorted_logits[:, :1]) / t
-    scaled = jnp.where(_top_k_keep(vocab, top_k), scaled, -jnp.inf)
-    scaled = jnp.where(_top_p_keep(scaled, top_p), scaled, -jnp.inf)
-    position = jax.vmap(jax.random.categorical)(jax.random.wrap_key_data(keys), scaled)
-    drawn = jnp.take_along_axis(order, position[:, None], axis=-1)[:, 0]
-    greedy = jnp.argmax(logits, axis=-1)
-    return jnp.where(temperature == 0, greedy, drawn).astype(jnp.int32)
+    greedy = first_argmax(logits)
+
+    def draw_or_greedy():
+        return jnp.where(temperature == 0, greedy, _draw(logits, temperature, top_p, top_k, keys))
+
+    return jax.lax.cond(jnp.any(temperature > 0), draw_or_greedy, lambda: greedy)
 
 
 @jax.jit
