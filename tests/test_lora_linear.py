@@ -2,8 +2,6 @@
 (interpret mode on the CPU), its decode step lowers to Triton kernels for CUDA, and impl names resolve as documented.
 """
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +13,8 @@ from bdlora_jax.bench_kernel import lower_decode_step, triton_kernels
 from bdlora_jax.comm import DecodeShape
 from bdlora_jax.config import ModelConfig
 from bdlora_jax.lora.bank import BankLayout, slot_arrays, write_slot, zeros_bank
-from bdlora_jax.lora.linear import adapted_linear, resolve_impl
+from bdlora_jax.lora.linear import resolve_impl
+from bdlora_jax.lora.operands import LoraOperand
 from bdlora_jax.lora.synthetic import random_adapter
 from bdlora_jax.mesh import make_mesh
 from bdlora_jax.model.llama import (
@@ -99,9 +98,6 @@ def test_lora_impl_resolves_per_platform():
 
 
 def test_unknown_impl_is_rejected():
-    mesh = make_mesh("1x1")
     spec = PartitionSpec()
-    call = partial(adapted_linear, jnp.zeros((1, 1, 8)), jnp.zeros((8, 8)), None, None, mesh=mesh, x_spec=spec,
-                   w_spec=spec, out_spec=spec, factor_specs=None, slot_spec=spec)
     with pytest.raises(ValueError, match="impl='triton'"):
-        call(impl="triton")
+        LoraOperand(jnp.zeros((2, 8, 4)), jnp.zeros((2, 4, 8)), spec, spec, impl="triton")

@@ -17,20 +17,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model.llama import AdapterBatch, forward, init_cache
+from ..model.llama import AdapterBatch, forward, init_cache, slot_groups
 from ..lora.peft_io import AdapterError
 from .adapter_pool import PoolFullError
 from .sampler import SamplingParams, row_keys, sample
 
 MIN_BUCKET = 16
+MAX_PREFILL_TOKENS = 4096  # tokens of one batched prefill call (prompts x bucket), unless one prompt needs more
 _ids = itertools.count()
 
 
-def adapter_batch(bank, compressed: dict | None, slots, clusters, sigma_ids) -> AdapterBatch:
-    """The model's AdapterBatch for per-row bank slots and, with a compressed bank, per-row (cluster, Σ id)."""
+def adapter_batch(bank, compressed: dict | None, slots, clusters, sigma_ids, groups=None) -> AdapterBatch:
+    """The model's AdapterBatch for per-row bank slots and, with a compressed bank, per-row (cluster, Σ id);
+    groups: the distinct slots in use, padded with 0 (see AdapterBatch)."""
     if compressed is None:
-        return AdapterBatch(bank, slots)
-    return AdapterBatch(bank, slots, compressed=compressed, clusters=clusters, sigma_ids=sigma_ids)
+        return AdapterBatch(bank, slots, groups=groups)
+    return AdapterBatch(bank, slots, compressed=compressed, clusters=clusters, sigma_ids=sigma_ids, groups=groups)
+
+
+def powers_of_four(low: int, high: int) -> list[int]:
+    """low, 4·low, 16·low, ... below high, then high: the sizes a batch dimension is padded to (few compiles)."""
+    sizes, n = [], low
+    while n < high:
+        sizes.append(n)
+        n *= 4
+    return sizes + [high]
+
+
+def bucket(n: int, sizes: list[int]) -> int:
+    """The smallest size that holds n."""
+    return next(s for s in sizes if s >= n)
 
 
 def prompt_buckets(max_seq_len: int) -> list[int]:
@@ -89,49 +105,68 @@ class Generator:
     def __init__(self, engine):
         self.engine = engine
         cfg, plan = engine.model_config, engine.plan
-        self.rows = -(-engine.config.max_batch // plan.data_size) * plan.data_size
+        data = plan.data_size
+        self.rows = -(-engine.config.max_batch // data) * data
         self.max_seq_len = engine.config.max_seq_len
         dtype = jnp.dtype(engine.config.dtype)
         self.cache = init_cache(cfg, plan, self.rows, self.max_seq_len, dtype)
-        self._prefill_rows = plan.data_size
-        self._cache_shape = (self._prefill_rows, self.max_seq_len, cfg.num_kv_heads, cfg.head_dim)
         self._cache_dtype = dtype
-        self._prefill = jax.jit(self._prefill_fn)
-        self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+        self.max_loras = engine.config.max_loras
+        self.prefill_sizes = powers_of_four(data, self.rows)
+        self.group_sizes = powers_of_four(1, max(1, min(self.max_loras, self.rows)))
+        self._prefill_jit = jax.jit(self._prefill_fn)
+        self._insert_jit = jax.jit(self._insert_fn, donate_argnums=(0,))
+        self._decode_jit = jax.jit(self._decode_fn, donate_argnums=(1,))
+        self._decode_base_jit = jax.jit(self._decode_base_fn, donate_argnums=(1,))
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
         self.tokens = np.zeros(self.rows, np.int32)
         self.positions = np.zeros(self.rows, np.int32)
         self.generated_tokens = 0
 
-    def _prefill_fn(self, state, bank, compressed, tokens, length, ids, sampling):
-        """Run one prompt (row 0 of a data-sized batch) and sample its first token from its last real position.
+    def prefill_batches(self, length_bucket: int) -> list[int]:
+        """Prompt counts a prefill call of this length bucket is compiled for (at most MAX_PREFILL_TOKENS tokens,
+        and always one data-sized batch)."""
+        sizes = [n for n in self.prefill_sizes if n * length_bucket <= MAX_PREFILL_TOKENS]
+        return sizes or self.prefill_sizes[:1]
 
-        ids = (slot, cluster, Σ id) of the prompt's adapter."""
-        rows = tokens.shape[0]
-        zeros = jnp.zeros(self._cache_shape, self._cache_dtype)
-        cache = tuple((zeros, zeros) for _ in range(self.engine.model_config.num_layers))
-        slots, clusters, sigma_ids = (jnp.zeros((rows,), jnp.int32).at[0].set(i) for i in ids)
+    def _prefill_fn(self, state, bank, compressed, tokens, lengths, ids, groups, sampling):
+        """Run a batch of prompts (rows padded to their length bucket) and sample each first token from its last
+        real position; the KV cache is the bucket's length, copied into decode rows by `_insert`.
+
+        ids = per-row (slots, clusters, Σ ids); groups = the distinct slots in use (see AdapterBatch)."""
+        cfg = self.engine.model_config
+        rows, length = tokens.shape
+        zeros = jnp.zeros((rows, length, cfg.num_kv_heads, cfg.head_dim), self._cache_dtype)
+        cache = tuple((zeros, zeros) for _ in range(cfg.num_layers))
         logits, cache = forward(self.engine.graphdef, state, tokens, jnp.zeros((rows,), jnp.int32), cache,
-                                adapter_batch(bank, compressed, slots, clusters, sigma_ids))
-        last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0, keepdims=True)
-        return sample(last, *sampling)[0], cache
+                                adapter_batch(bank, compressed, *ids, groups))
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return sample(last, *sampling), cache
 
     @staticmethod
-    def _insert_fn(cache, prefill_cache, row):
-        """Copy the prefilled row 0 into decode row `row` of every layer's cache."""
-        return jax.tree.map(
-            lambda full, new: jax.lax.dynamic_update_slice_in_dim(full, new[:1], row, axis=0), cache, prefill_cache
-        )
+    def _insert_fn(cache, prefill_cache, rows):
+        """Copy each prefilled row into its decode row of every layer's cache (a row index past the end: skipped)."""
+        length = jax.tree.leaves(prefill_cache)[0].shape[1]
+        return jax.tree.map(lambda full, new: full.at[rows, :length].set(new, mode="drop"), cache, prefill_cache)
 
-    def _decode_fn(self, state, cache, bank, compressed, tokens, positions, ids, sampling):
+    def _decode_fn(self, state, cache, bank, compressed, tokens, positions, ids, groups, sampling):
         """One token for every row: write its KV at its position, attend, sample the next token.
 
-        ids = per-row (slots, clusters, Σ ids)."""
+        ids = per-row (slots, clusters, Σ ids); groups = the distinct slots in use (see AdapterBatch)."""
         logits, cache = forward(self.engine.graphdef, state, tokens[:, None], positions, cache,
-                                adapter_batch(bank, compressed, *ids))
+                                adapter_batch(bank, compressed, *ids, groups))
         return sample(logits[:, 0], *sampling), cache
+
+    def _decode_base_fn(self, state, cache, tokens, positions, sampling):
+        """`_decode_fn` for a step in which no row uses an adapter: the base model alone."""
+        logits, cache = forward(self.engine.graphdef, state, tokens[:, None], positions, cache)
+        return sample(logits[:, 0], *sampling), cache
+
+    def groups(self, slots) -> jax.Array:
+        """The distinct slots in use, padded with 0 to the next compiled group count."""
+        used = len({int(s) for s in slots if s > 0})
+        return jnp.asarray(slot_groups(slots, bucket(max(used, 1), self.group_sizes)))
 
     @staticmethod
     def _sampling(params: list[SamplingParams], steps: list[int]):
@@ -163,7 +198,7 @@ class Generator:
         self.waiting = deque(r for r in self.waiting if not r.cancelled)
         return dropped
 
-    def plan(self) -> StepPlan:
+    def schedule(self) -> StepPlan:
         """Decide this step: admit waiting requests in arrival order while rows and adapter slots allow.
 
         Adapters of running requests are pinned, so loading a new one only evicts an idle adapter; a request
@@ -193,33 +228,26 @@ class Generator:
     def step(self) -> list[Request]:
         """Plan and run one step: prefill admissions, then one decode token for all rows; returns finished requests."""
         finished = self._drop_cancelled()
-        plan = self.plan()
+        plan = self.schedule()
         waiting = {r.id: r for r in self.waiting}
         for request_id in plan.failed:
             request = waiting[request_id]
             self.waiting.remove(request)
             request.finish_reason = "error"
             finished.append(request)
+        admitted = []
         for row, request_id, *ids in plan.admit:
             request = waiting[request_id]
             self.waiting.remove(request)
-            self._prefill_row(request, row, ids)
+            admitted.append((row, request, ids))
+        for row, request in self._prefill_admitted(admitted):
             if self._emit(request, self.tokens[row]):
                 finished.append(request)
             else:
                 self.running[row] = request
         decode_rows = [row for row in plan.decode_rows if row in self.running]
         if decode_rows:
-            ids = np.zeros((3, self.rows), np.int32)
-            for array, values in zip(ids, (plan.decode_slots, plan.decode_clusters, plan.decode_sigma_ids)):
-                array[list(plan.decode_rows)] = values
-            params = [self.running[i].params if i in self.running else _IDLE for i in range(self.rows)]
-            steps = [len(self.running[i].output) if i in self.running else 0 for i in range(self.rows)]
-            new, self.cache = self._decode(self.engine.state, self.cache, self.engine.pool.bank,
-                                           self.engine.compressed_arrays, jnp.asarray(self.tokens),
-                                           jnp.asarray(self.positions), tuple(jnp.asarray(a) for a in ids),
-                                           self._sampling(params, steps))
-            new = np.asarray(new)
+            new = np.asarray(self._decode_step(plan))
             for row in decode_rows:
                 request = self.running[row]
                 self.tokens[row], self.positions[row] = new[row], self.positions[row] + 1
@@ -228,16 +256,68 @@ class Generator:
                     finished.append(request)
         return finished
 
-    def _prefill_row(self, request: Request, row: int, ids: list[int]) -> None:
-        """Prefill a request into decode row `row` with its adapter's (slot, cluster, Σ id); record its first token."""
-        length = len(request.prompt)
-        padded = np.zeros((self._prefill_rows, prompt_bucket(length, self.max_seq_len)), np.int32)
-        padded[0, :length] = request.prompt
-        first, prefill_cache = self._prefill(self.engine.state, self.engine.pool.bank, self.engine.compressed_arrays,
-                                             jnp.asarray(padded), jnp.int32(length),
-                                             tuple(jnp.int32(i) for i in ids), self._sampling([request.params], [0]))
-        self.cache = self._insert(self.cache, prefill_cache, jnp.int32(row))
-        self.tokens[row], self.positions[row] = int(first), length
+    def _decode_step(self, plan: StepPlan) -> jax.Array:
+        """Run the decode step of a plan; the base-model step when no row uses an adapter."""
+        ids = np.zeros((3, self.rows), np.int32)
+        for array, values in zip(ids, (plan.decode_slots, plan.decode_clusters, plan.decode_sigma_ids)):
+            array[list(plan.decode_rows)] = values
+        params = [self.running[i].params if i in self.running else _IDLE for i in range(self.rows)]
+        steps = [len(self.running[i].output) if i in self.running else 0 for i in range(self.rows)]
+        sampling = self._sampling(params, steps)
+        tokens, positions = jnp.asarray(self.tokens), jnp.asarray(self.positions)
+        if not ids[0].any() and not ids[2].any():
+            new, self.cache = self._decode_base_jit(self.engine.state, self.cache, tokens, positions, sampling)
+            return new
+        new, self.cache = self._decode_jit(self.engine.state, self.cache, self.engine.pool.bank,
+                                       self.engine.compressed_arrays, tokens, positions,
+                                       tuple(jnp.asarray(a) for a in ids), self.groups(ids[0]), sampling)
+        return new
+
+    def _prefill_admitted(self, admitted: list[tuple[int, Request, list[int]]]) -> list[tuple[int, Request]]:
+        """Prefill admitted (row, request, (slot, cluster, Σ id)) in batched calls, one length bucket at a time,
+        each call as many prompts as its largest compiled count that the rest fill; returns (row, request)."""
+        by_bucket: dict[int, list] = {}
+        for entry in admitted:
+            by_bucket.setdefault(prompt_bucket(len(entry[1].prompt), self.max_seq_len), []).append(entry)
+        done = []
+        for length, entries in by_bucket.items():
+            sizes = self.prefill_batches(length)
+            while entries:
+                size = max([n for n in sizes if n <= len(entries)] or sizes[:1])
+                chunk, entries = entries[:size], entries[size:]
+                self._prefill_batch(chunk, length, size)
+                done.extend((row, request) for row, request, _ in chunk)
+        return done
+
+    def _prefill_batch(self, chunk: list[tuple[int, Request, list[int]]], length: int, size: int) -> None:
+        """One prefill call: `chunk`'s prompts padded to `length` tokens and `size` rows, copied into their rows."""
+        tokens = np.zeros((size, length), np.int32)
+        lengths = np.ones(size, np.int32)
+        ids = np.zeros((3, size), np.int32)
+        rows = np.full(size, self.rows, np.int32)  # padding rows are dropped by the insert
+        for i, (row, request, request_ids) in enumerate(chunk):
+            tokens[i, :len(request.prompt)] = request.prompt
+            lengths[i], ids[:, i], rows[i] = len(request.prompt), request_ids, row
+        params = [request.params for _, request, _ in chunk] + [_IDLE] * (size - len(chunk))
+        first, prefill_cache = self._prefill_jit(self.engine.state, self.engine.pool.bank, self.engine.compressed_arrays,
+                                             jnp.asarray(tokens), jnp.asarray(lengths),
+                                             tuple(jnp.asarray(a) for a in ids),
+                                             jnp.asarray(slot_groups(ids[0], min(size, max(self.max_loras, 1)))),
+                                             self._sampling(params, [0] * size))
+        self.cache = self._insert_jit(self.cache, prefill_cache, jnp.asarray(rows))
+        first = np.asarray(first)
+        for i, (row, request, _) in enumerate(chunk):
+            self.tokens[row], self.positions[row] = first[i], len(request.prompt)
+
+    def warm_up(self) -> None:
+        """Compile every prefill (length bucket x prompt count), insert and decode variant, so serving compiles
+        nothing new; the decode state is left as it was (all rows idle)."""
+        for length in prompt_buckets(self.max_seq_len):
+            for size in self.prefill_batches(length):
+                self._prefill_batch([], length, size)
+        for groups in [0, *self.group_sizes]:
+            slots = tuple(range(1, groups + 1)) + (0,) * (self.rows - groups)
+            self._decode_step(StepPlan((), slots, tuple(range(self.rows)), (0,) * self.rows, (0,) * self.rows))
 
     def _emit(self, request: Request, token: int) -> bool:
         """Record a token, tell the listener, and return whether the request is now finished."""

@@ -13,11 +13,8 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable
 
-import numpy as np
-
-from .generator import Generator, Request, prompt_buckets
+from .generator import Generator, Request
 from .metrics import ServingMetrics
-from .sampler import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +63,7 @@ class Scheduler:
     def warm_up(self) -> None:
         """Compile every prefill bucket, insert, decode and a slot write, so serving compiles nothing new."""
         self.engine.pool.warm_up()
-        vocab = self.engine.model_config.vocab_size
-        for bucket in prompt_buckets(self.generator.max_seq_len):
-            length = min(bucket, self.generator.max_seq_len - 2)
-            prompt = list(np.arange(length) % vocab)
-            self.generator.run([Request(prompt, None, SamplingParams(temperature=0.0, max_tokens=2))])
+        self.generator.warm_up()
         self.metrics.warmed_up()
 
     def _loop(self) -> None:

@@ -1,5 +1,18 @@
 """Multi-adapter LoRA shrink/expand: Pallas Triton GPU kernels and the pure-jnp reference they are tested against."""
 
-from .lora_triton import Config, bgmv_expand, bgmv_shrink, group_by_slot, heuristic_config, sgmv_expand, sgmv_shrink
+from .lora_triton import (
+    Config,
+    bgmv_expand,
+    bgmv_shrink,
+    group_by_slot,
+    heuristic_config,
+    prefill_block_m,
+    sgmv_expand,
+    sgmv_expand_items,
+    sgmv_shrink,
+    sgmv_shrink_items,
+    work_items,
+)
 
-__all__ = ["Config", "bgmv_expand", "bgmv_shrink", "group_by_slot", "heuristic_config", "sgmv_expand", "sgmv_shrink"]
+__all__ = ["Config", "bgmv_expand", "bgmv_shrink", "group_by_slot", "heuristic_config", "prefill_block_m",
+           "sgmv_expand", "sgmv_expand_items", "sgmv_shrink", "sgmv_shrink_items", "work_items"]

@@ -73,7 +73,7 @@ def heuristic_config(op: str, mode: str, tokens: int, d_in: int, r: int, d_out: 
     if op not in ("shrink", "expand") or mode not in ("decode", "prefill"):
         raise ValueError(f"op={op!r}, mode={mode!r}: expected op 'shrink'|'expand' and mode 'decode'|'prefill'")
     rank_block = _pow2(r, MIN_BLOCK, MAX_RANK_BLOCK)
-    block_m = _pow2(tokens, MIN_BLOCK, MAX_BLOCK_M)
+    block_m = prefill_block_m(tokens)
     if op == "shrink":
         if mode == "decode":
             return Config(MIN_BLOCK, rank_block, _pow2(DECODE_TILE // rank_block, MIN_BLOCK, pl.next_power_of_2(d_in)))
@@ -209,12 +209,17 @@ def group_by_slot(slots: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Arra
     return order, jnp.bincount(slots, length=num_slots).astype(jnp.int32)
 
 
-def _work_items(group_sizes: jax.Array, tokens: int, block_m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(slot, start, end) of every row tile: each group is cut into tiles of block_m sorted positions.
+def prefill_block_m(tokens: int) -> int:
+    """Tokens per prefill program (the heuristic configs' block_m) for a call of `tokens` tokens."""
+    return _pow2(tokens, MIN_BLOCK, MAX_BLOCK_M)
+
+
+def work_items(group_sizes: jax.Array, tokens: int, block_m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(group, start, end) of every row tile: each group is cut into tiles of block_m sorted positions.
 
     A group of n tokens takes cdiv(n, block_m) tiles, so all groups together take at most
-    cdiv(T, block_m) + min(S, T) - 1; the grid has that many programs and the unused ones get an empty
-    range on slot 0 (they store nothing and return).
+    cdiv(T, block_m) + min(G, T) - 1; the grid has that many programs and the unused ones get an empty
+    range on group 0 (they store nothing and return). With one group per slot, the group is the slot.
     """
     num_slots = group_sizes.shape[0]
     items = pl.cdiv(tokens, block_m) + min(num_slots, tokens) - 1
@@ -271,10 +276,18 @@ def sgmv_shrink(x: jax.Array, a: jax.Array, order: jax.Array, group_sizes: jax.A
     order and group_sizes are `group_by_slot`'s: token order[p] has the p-th smallest slot, and group_sizes
     (summing to T) says how many tokens each slot has.
     """
-    t, nb, d_in, r = _check_shrink(x, a, order, "order")
     _check("group_sizes", group_sizes, (a.shape[0],))
+    cfg = config or heuristic_config("shrink", "prefill", x.shape[0], a.shape[2], a.shape[3], 0)
+    return sgmv_shrink_items(x, a, order, work_items(group_sizes, x.shape[0], cfg.block_m), config=cfg,
+                             interpret=interpret)
+
+
+def sgmv_shrink_items(x: jax.Array, a: jax.Array, order: jax.Array, items: tuple[jax.Array, jax.Array, jax.Array], *,
+                      config: Config | None = None, interpret: bool = False) -> jax.Array:
+    """`sgmv_shrink` from precomputed work items (slot, start, end), cut with the config's block_m (built once
+    per forward by the model's routing and shared by every module)."""
+    t, nb, d_in, r = _check_shrink(x, a, order, "order")
     cfg = config or heuristic_config("shrink", "prefill", t, d_in, r, 0)
-    items = _work_items(group_sizes, t, cfg.block_m)
     kernel = partial(_sgmv_shrink_kernel, cfg=cfg, tokens=t, d_in=d_in, r=r,
                      dtype=jnp.promote_types(x.dtype, a.dtype))
     return pl.pallas_call(
@@ -284,7 +297,7 @@ def sgmv_shrink(x: jax.Array, a: jax.Array, order: jax.Array, group_sizes: jax.A
         compiler_params=cfg.compiler_params(),
         interpret=interpret,
         name="lora_sgmv_shrink",
-    )(*items, order.astype(jnp.int32), x, a)
+    )(*(i.astype(jnp.int32) for i in items), order.astype(jnp.int32), x, a)
 
 
 def _sgmv_expand_kernel(slot_ref, start_ref, end_ref, order_ref, h_ref, b_ref, y_in_ref, y_ref, *, cfg: Config,
@@ -314,10 +327,17 @@ def sgmv_expand(h: jax.Array, b: jax.Array, order: jax.Array, group_sizes: jax.A
                 config: Config | None = None, interpret: bool = False) -> jax.Array:
     """Prefill expand: y[t] += h[t]·B[slot of t] in place (y float32), slot-0 rows untouched; order and
     group_sizes as for `sgmv_shrink`."""
-    t, nb, r, d_out = _check_expand(h, b, order, "order", y)
     _check("group_sizes", group_sizes, (b.shape[0],))
+    cfg = config or heuristic_config("expand", "prefill", h.shape[0], 0, b.shape[2], b.shape[3])
+    return sgmv_expand_items(h, b, order, work_items(group_sizes, h.shape[0], cfg.block_m), y, config=cfg,
+                             interpret=interpret)
+
+
+def sgmv_expand_items(h: jax.Array, b: jax.Array, order: jax.Array, items: tuple[jax.Array, jax.Array, jax.Array],
+                      y: jax.Array, *, config: Config | None = None, interpret: bool = False) -> jax.Array:
+    """`sgmv_expand` from precomputed work items, as `sgmv_shrink_items`."""
+    t, nb, r, d_out = _check_expand(h, b, order, "order", y)
     cfg = config or heuristic_config("expand", "prefill", t, 0, r, d_out)
-    items = _work_items(group_sizes, t, cfg.block_m)
     kernel = partial(_sgmv_expand_kernel, cfg=cfg, tokens=t, r=r, d_out=d_out,
                      dtype=jnp.promote_types(h.dtype, b.dtype))
     return pl.pallas_call(
@@ -328,4 +348,4 @@ def sgmv_expand(h: jax.Array, b: jax.Array, order: jax.Array, group_sizes: jax.A
         compiler_params=cfg.compiler_params(),
         interpret=interpret,
         name="lora_sgmv_expand",
-    )(*items, order.astype(jnp.int32), h, b, y)
+    )(*(i.astype(jnp.int32) for i in items), order.astype(jnp.int32), h, b, y)

@@ -16,11 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from ..config import LORA_MODULES, ModelConfig
 from ..lora.bank import bank_key, factor_axes, weight_axes
 from ..lora.compressed import compressed_axes
-from ..lora.linear import adapted_linear
+from ..lora.linear import LinearSpecs, adapted_linear
+from ..lora.operands import CompressedOperand, LoraOperand
+from ..lora.routing import Routing, route_shard
 from ..sharding import ShardingPlan
 
 Bank = dict[str, tuple[jax.Array, jax.Array]]
@@ -32,7 +35,9 @@ class AdapterBatch(NamedTuple):
     """The adapter bank, the slot each batch row uses (slot 0 = no adapter), and LoRA dropout when training.
 
     Optionally a compressed bank (lora/compressed.py: (V, U, Σ) per module it adapts) with each row's cluster
-    and Σ id (Σ id 0 = no compressed adapter).
+    and Σ id (Σ id 0 = no compressed adapter). groups: the distinct bank slots the batch uses, ascending, padded
+    with 0; its length bounds the adapter groups of the forward's routing (None: every slot of the bank), so a
+    caller that knows its batch uses few adapters gets one factor copy per adapter instead of one per token.
     """
 
     bank: Bank
@@ -42,6 +47,33 @@ class AdapterBatch(NamedTuple):
     compressed: dict[str, tuple[jax.Array, jax.Array, jax.Array]] | None = None
     clusters: jax.Array | None = None
     sigma_ids: jax.Array | None = None
+    groups: jax.Array | None = None
+
+
+def slot_groups(slots, num_groups: int) -> np.ndarray:
+    """The distinct non-zero slots of host-side `slots`, ascending, padded with 0 to num_groups entries."""
+    used = np.unique(np.asarray(slots))
+    used = used[used > 0]
+    if len(used) > num_groups:
+        raise ValueError(f"{len(used)} distinct adapter slots exceed num_groups={num_groups}")
+    return np.concatenate([used, np.zeros(num_groups - len(used), used.dtype)]).astype(np.int32)
+
+
+def route(adapters: AdapterBatch, seq: int, plan: ShardingPlan, kernels: bool) -> Routing:
+    """The forward's Routing, built once per data shard (a shard_map over the batch) and shared by every module."""
+    first_a = next(iter(adapters.bank.values()))[0]
+    groups = adapters.groups if adapters.groups is not None else jnp.arange(1, first_a.shape[0], dtype=jnp.int32)
+    row = plan.spec(("batch",))
+    compressed = adapters.compressed is not None
+    num_clusters = next(iter(adapters.compressed.values()))[0].shape[0] if compressed else 0
+
+    def shard(slots, groups, clusters, sigma_ids):
+        return route_shard(slots, seq, groups, kernels=kernels, clusters=clusters if compressed else None,
+                           sigma_ids=sigma_ids, num_clusters=num_clusters)
+
+    ids = (adapters.clusters, adapters.sigma_ids) if compressed else (adapters.slots, adapters.slots)
+    return jax.shard_map(shard, mesh=plan.mesh, in_specs=(row, PartitionSpec(), row, row), out_specs=row)(
+        adapters.slots, groups, *ids)
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
@@ -103,38 +135,25 @@ class Linears(nnx.Module):
         self.plan = plan
         self.lora_impl = lora_impl
 
-    def apply(self, module: str, x: jax.Array, layer: int, adapters: AdapterBatch | None) -> jax.Array:
+    def apply(self, module: str, x: jax.Array, layer: int, adapters: AdapterBatch | None,
+              routing: Routing | None) -> jax.Array:
         plan = self.plan
         w_axes = weight_axes(module)
-        lora = factor_specs = slots = dropout = compressed = compressed_specs = compressed_rows = None
+        operands = []
         if adapters is not None:
-            lora = adapters.bank[bank_key(layer, module)]
-            factor_specs = tuple(plan.spec(axes) for axes in factor_axes(module, plan.block_factors))
-            slots = adapters.slots
+            key = bank_key(layer, module)
+            dropout = None
             if adapters.dropout_key is not None:
                 index = layer * len(LORA_MODULES) + LORA_MODULES.index(module)
                 dropout = (jax.random.fold_in(adapters.dropout_key, index), adapters.dropout_rate)
-            if adapters.compressed is not None and bank_key(layer, module) in adapters.compressed:
-                compressed = adapters.compressed[bank_key(layer, module)]
-                compressed_specs = tuple(plan.spec(axes) for axes in compressed_axes(module, plan.block_factors))
-                compressed_rows = (adapters.clusters, adapters.sigma_ids)
-        return adapted_linear(
-            x,
-            getattr(self, module)[...],
-            lora,
-            slots,
-            mesh=plan.mesh,
-            x_spec=plan.spec(("batch", "seq", w_axes[0])),
-            w_spec=plan.spec(w_axes),
-            out_spec=plan.spec(("batch", "seq", w_axes[1])),
-            factor_specs=factor_specs,
-            slot_spec=plan.spec(("batch",)),
-            impl=self.lora_impl,
-            dropout=dropout,
-            compressed=compressed,
-            compressed_specs=compressed_specs,
-            compressed_rows=compressed_rows,
-        )
+            a_spec, b_spec = (plan.spec(axes) for axes in factor_axes(module, plan.block_factors))
+            operands.append(LoraOperand(*adapters.bank[key], a_spec, b_spec, self.lora_impl, dropout))
+            if adapters.compressed is not None and key in adapters.compressed:
+                specs = (plan.spec(axes) for axes in compressed_axes(module, plan.block_factors))
+                operands.append(CompressedOperand(*adapters.compressed[key], *specs))
+        specs = LinearSpecs(plan.mesh, plan.spec(("batch", "seq", w_axes[0])), plan.spec(w_axes),
+                            plan.spec(("batch", "seq", w_axes[1])), plan.spec(("batch",)))
+        return adapted_linear(x, getattr(self, module)[...], specs, operands, routing)
 
 
 class DecoderLayer(nnx.Module):
@@ -153,12 +172,12 @@ class DecoderLayer(nnx.Module):
     def _constrain(self, x: jax.Array, axes: tuple) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.plan.sharding(axes))
 
-    def attention(self, x, positions, inv_freq, cache, start, adapters):
+    def attention(self, x, positions, inv_freq, cache, start, adapters, routing):
         cfg, layer = self.config, self.index
         batch, seq = x.shape[:2]
-        q = self.attn.apply("q_proj", x, layer, adapters).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
-        k = self.attn.apply("k_proj", x, layer, adapters).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-        v = self.attn.apply("v_proj", x, layer, adapters).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+        q = self.attn.apply("q_proj", x, layer, adapters, routing).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+        k = self.attn.apply("k_proj", x, layer, adapters, routing).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+        v = self.attn.apply("v_proj", x, layer, adapters, routing).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if cache is None:
@@ -170,7 +189,7 @@ class DecoderLayer(nnx.Module):
             key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), (batch, keys.shape[1]))
             cache = (keys, values)
         out = self._attend(q, keys, values, positions, key_positions)
-        return self.attn.apply("o_proj", out.reshape(batch, seq, cfg.q_dim), layer, adapters), cache
+        return self.attn.apply("o_proj", out.reshape(batch, seq, cfg.q_dim), layer, adapters, routing), cache
 
     def _attend(self, q, keys, values, positions, key_positions):
         """Causal GQA attention in float32; kv heads are repeated when they are replicated (the fallback)."""
@@ -194,14 +213,14 @@ class DecoderLayer(nnx.Module):
         out = jnp.einsum("bkgst,btkd->bskgd", probs, values, preferred_element_type=jnp.float32)
         return out.astype(q.dtype).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
 
-    def __call__(self, x, positions, inv_freq, cache, start, adapters):
-        h, cache = self.attention(self.input_norm(x), positions, inv_freq, cache, start, adapters)
+    def __call__(self, x, positions, inv_freq, cache, start, adapters, routing):
+        h, cache = self.attention(self.input_norm(x), positions, inv_freq, cache, start, adapters, routing)
         x = x + h
         y = self.post_attention_norm(x)
-        gate = self.mlp.apply("gate_proj", y, self.index, adapters)
-        up = self.mlp.apply("up_proj", y, self.index, adapters)
+        gate = self.mlp.apply("gate_proj", y, self.index, adapters, routing)
+        up = self.mlp.apply("up_proj", y, self.index, adapters, routing)
         hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(y.dtype)
-        return x + self.mlp.apply("down_proj", hidden, self.index, adapters), cache
+        return x + self.mlp.apply("down_proj", hidden, self.index, adapters, routing), cache
 
 
 class Llama(nnx.Module):
@@ -211,6 +230,7 @@ class Llama(nnx.Module):
                  lora_impl: str = "xla"):
         self.config = config
         self.plan = plan
+        self.lora_impl = lora_impl
         self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype, 1.0)
         self.layers = nnx.List([DecoderLayer(config, i, plan, dtype, rngs, lora_impl)
                                 for i in range(config.num_layers)])
@@ -232,9 +252,11 @@ class Llama(nnx.Module):
         inv_freq = rope_frequencies(self.config)
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = jax.lax.with_sharding_constraint(x, plan.sharding(("batch", "seq", "embed")))
+        routing = None if adapters is None else route(adapters, tokens.shape[1], plan, self.lora_impl != "xla")
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, inv_freq, None if cache is None else cache[i], start, adapters)
+            x, layer_cache = layer(x, positions, inv_freq, None if cache is None else cache[i], start, adapters,
+                                   routing)
             new_cache.append(layer_cache)
         x = self.norm(x)
         head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
