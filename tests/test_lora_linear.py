@@ -52,6 +52,7 @@ def _runner(graphdef, state, plan):
     return run
 
 
+@pytest.mark.slow  # the Pallas kernels in interpret mode: about 30 s per case on a 2-core CPU
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("mesh", ("1x1", "1x8"))
 def test_pallas_model_gives_the_xla_logits(mesh, strategy):

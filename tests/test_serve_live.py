@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bdlora_jax.demo import demo_adapters
 
-pytestmark = pytest.mark.xdist_group("serve_live")
+pytestmark = [pytest.mark.xdist_group("serve_live"), pytest.mark.slow]
 
 MESH = "1x8"
 MAX_LORAS, MAX_LORA_RANK, MAX_BATCH, MAX_SEQ_LEN = 4, 16, 8, 128
