@@ -1,4 +1,5 @@
-"""Test session setup: 8 emulated CPU devices (set before jax is imported) and shared tiny models."""
+"""Test session setup (8 emulated CPU devices and a persistent compilation cache, set before jax is imported) and
+the pytest fixtures several test files share."""
 
 import os
 
@@ -16,18 +17,34 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from helpers import FIXTURES, GOOD, assert_serves, make_engine  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hf_tiny"
-MESHES = ("1x1", "1x2", "1x4", "1x8", "2x4")
-STRATEGIES = ("replicated", "slora", "bdlora")
+from bdlora_jax.checkpoint import load_model_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def hf_dir() -> Path:
+    """The fixture checkpoint: model/, model_tied/, adapters/ and reference.npz."""
     return FIXTURES
 
 
 @pytest.fixture(scope="session")
 def reference() -> dict:
+    """Reference prompts and the transformers / PEFT logits of the fixture model and adapters."""
     with np.load(FIXTURES / "reference.npz") as data:
         return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="module")
+def eng(hf_dir, reference):
+    """1x1 bdlora engine, max_loras=4, max_lora_rank=8, with GOOD registered and checked."""
+    engine = make_engine(hf_dir)
+    engine.add_adapter(GOOD, hf_dir / "adapters" / "lora_rs_r4_qv")
+    assert_serves(engine, GOOD, reference, "lora_rs_r4_qv")
+    return engine
+
+
+@pytest.fixture(scope="module")
+def model_config(hf_dir):
+    """The fixture model's ModelConfig."""
+    return load_model_config(hf_dir / "model")

@@ -18,7 +18,7 @@ from bdlora_jax.sharding import make_plan
 
 ROOT = Path(__file__).parent.parent
 SMOKE = ROOT / "configs" / "ablations" / "smoke.yaml"
-pytestmark = pytest.mark.xdist_group("ablate")  # one worker runs the shared smoke grid once
+pytestmark = [pytest.mark.xdist_group("ablate"), pytest.mark.slow]  # one worker runs the shared smoke grid once
 AXES = ("strategy", "mesh", "rank", "adapters", "batch", "compressed")
 
 

@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 from bdlora_jax.checkpoint import load_model_config
 from bdlora_jax.compress.__main__ import main as compress_main

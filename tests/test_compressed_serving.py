@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MESHES, STRATEGIES
+from helpers import MESHES, STRATEGIES
 
 from bdlora_jax import Engine
 from bdlora_jax.checkpoint import load_model_config

@@ -30,12 +30,14 @@ def test_tasks_have_exact_answers_and_held_out_words_differ():
     assert sum(e["prompt"] in train for e in held) < 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["replicated", "slora"])
 def test_demo_accuracy_on_eight_devices(strategy):
     report = demo_accuracy(mesh="1x8", strategy=strategy, n=20)
     assert all(accuracy >= 0.9 for accuracy in report["accuracy"].values()), report
 
 
+@pytest.mark.slow
 def test_bench_demo_accuracy_command_bdlora():
     out = subprocess.run(
         [sys.executable, "-m", "bdlora_jax.bench", "demo-accuracy", "--mesh", "1x8", "--strategy", "bdlora",
@@ -46,6 +48,7 @@ def test_bench_demo_accuracy_command_bdlora():
     assert all(accuracy >= 0.9 for accuracy in report["accuracy"].values()), report
 
 
+@pytest.mark.slow
 def test_compressed_demo_bank_keeps_95_percent_of_the_accuracy():
     """The shipped bank (the four task adapters at the rank docs/guides/compress-a-collection.md recommends)
     served compressed, against the same adapters uncompressed, on the same held-out words."""

@@ -33,6 +33,7 @@ def test_every_guide_has_commands():
         assert bash_blocks(guide.read_text()), f"{guide.name} has no ```bash block"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guide", GUIDES, ids=lambda g: g.stem)
 def test_guide_commands_run(guide: Path, tmp_path: Path):
     for name in ("configs", "bdlora_jax"):

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import STRATEGIES
+from helpers import ONE_LAYER_CONFIG as CONFIG
+from helpers import STRATEGIES
 from jax.sharding import PartitionSpec
 
 from bdlora_jax.bench_kernel import lower_decode_step, triton_kernels
 from bdlora_jax.comm import DecodeShape
-from bdlora_jax.config import ModelConfig
 from bdlora_jax.lora.bank import BankLayout, slot_arrays, write_slot, zeros_bank
 from bdlora_jax.lora.linear import resolve_impl
 from bdlora_jax.lora.operands import LoraOperand
@@ -26,10 +26,7 @@ from bdlora_jax.model.llama import (
 )
 from bdlora_jax.sharding import make_plan
 
-# One layer (every adapted module is there) with 4 kv heads: on 1x8 they fall back to replicated, so bdlora's
-# k/v B keeps all 8 blocks on every device. Rank 8 on 1x8 leaves one rank per device (r/N = 1).
-CONFIG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=8,
-                     num_kv_heads=4, head_dim=8)
+# CONFIG: one layer whose 4 kv heads fall back to replicated on 1x8. Rank 8 on 1x8 leaves one rank per device.
 RANK = 8
 ROW_SLOTS = [2, 0, 1, 2]  # BD-LoRA, no adapter, dense LoRA; slot 3 stays empty (an empty group)
 PROMPT = 5
@@ -54,6 +51,7 @@ def _runner(graphdef, state, plan):
     return run
 
 
+@pytest.mark.slow  # the Pallas kernels in interpret mode: about 30 s per case on a 2-core CPU
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("mesh", ("1x1", "1x8"))
 def test_pallas_model_gives_the_xla_logits(mesh, strategy):

@@ -24,13 +24,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import STRATEGIES
 from prometheus_client.parser import text_string_to_metric_families
 
 from bdlora_jax.demo import demo_adapters
 
-pytestmark = pytest.mark.xdist_group("serve_live")
+pytestmark = [pytest.mark.xdist_group("serve_live"), pytest.mark.slow]
 
-STRATEGIES = ("replicated", "slora", "bdlora")
 MESH = "1x8"
 MAX_LORAS, MAX_LORA_RANK, MAX_BATCH, MAX_SEQ_LEN = 4, 16, 8, 128
 DEMO = sorted(demo_adapters())

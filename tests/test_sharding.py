@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import MESHES, STRATEGIES
+from helpers import MESHES, STRATEGIES
 
 from bdlora_jax import Engine
 from bdlora_jax.checkpoint import load_model_config

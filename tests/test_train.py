@@ -15,7 +15,7 @@ from bdlora_jax.train.__main__ import load_config
 from bdlora_jax.train.config import TrainConfig
 from bdlora_jax.train.factors import export, to_bank
 from bdlora_jax.train.trainer import Trainer
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 MODEL = str(FIXTURES / "model")  # 2 layers, hidden 64, 4 kv heads (replicated on 1x8): quick to compile
 
