@@ -25,8 +25,8 @@ from safetensors.numpy import load_file, save_file
 
 from bdlora_jax import Engine
 from bdlora_jax.checkpoint import load_model_config
-from bdlora_jax.engine.adapter_pool import PoolFullError
-from bdlora_jax.lora.peft_io import AdapterError, read_adapter, write_adapter
+from bdlora_jax.errors import AdapterError, PoolFullError
+from bdlora_jax.lora.peft_io import read_adapter, write_adapter
 
 FIXTURE_ADAPTERS = ("lora_r8", "lora_rs_r4_qv", "bdlora_nb2_r8", "bdlora_nb4_r8")
 CONFIG = "adapter_config.json"
