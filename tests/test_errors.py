@@ -176,6 +176,7 @@ def app(engine, scheduler, lora_root):
 
 
 def call(app, method: str, path: str, **kwargs) -> httpx.Response:
+    """One request through the app (httpx's ASGI transport, no sockets)."""
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://errors.test",
                                      timeout=60) as c:
@@ -185,6 +186,7 @@ def call(app, method: str, path: str, **kwargs) -> httpx.Response:
 
 
 def answer(response: httpx.Response) -> tuple[int, str, str | None, str]:
+    """(status, error type, error code, message) of an OpenAI error response."""
     error = response.json()["error"]
     return response.status_code, error["type"], error["code"], error["message"]
 

@@ -36,11 +36,13 @@ class BodyLimit:
         self.app = app
 
     async def __call__(self, scope, receive, send):
+        """Run the app on an HTTP request whose receive raises BodyTooLarge once the body passes the limit."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         received = 0
 
         async def limited():
+            """The next message of the request, counting its body bytes."""
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":

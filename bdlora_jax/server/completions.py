@@ -61,7 +61,7 @@ def check_context_length(prompt_tokens: int, max_tokens: int, max_seq_len: int) 
                                  f"context length max_seq_len={max_seq_len}")
 
 
-class Submitted:
+class SubmittedRequest:
     """A request handed to the scheduler thread, whose tokens arrive on an asyncio queue of this event loop."""
 
     def __init__(self, scheduler, ids: list[int], adapter: str | None, params: SamplingParams):
@@ -92,7 +92,7 @@ def completion_chunk(completion_id: str, model: str, text: str, finish: str | No
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
 
-async def sse_events(submitted: Submitted, stream: TextStream, completion_id: str, model: str):
+async def sse_events(submitted: SubmittedRequest, stream: TextStream, completion_id: str, model: str):
     """Server-sent events: each piece of text once no stop string can take it back, then [DONE] (or an error)."""
     request = submitted.request
     try:
@@ -112,7 +112,7 @@ async def sse_events(submitted: Submitted, stream: TextStream, completion_id: st
         submitted.cancel_unless_finished()
 
 
-async def whole_completion(submitted: Submitted, stream: TextStream, completion_id: str, model: str) -> dict:
+async def whole_completion(submitted: SubmittedRequest, stream: TextStream, completion_id: str, model: str) -> dict:
     """The finished completion with its usage, once the request has ended."""
     request = submitted.request
     try:
@@ -138,7 +138,7 @@ async def completions(body: CompletionBody, ctx: ServerContext = Depends(server_
     ids = prompt_ids(engine, body.prompt)
     params = sampling_params(body, engine.model_config.vocab_size)
     check_context_length(len(ids), body.max_tokens, engine.config.max_seq_len)
-    submitted = Submitted(ctx.scheduler, ids, adapter, params)
+    submitted = SubmittedRequest(ctx.scheduler, ids, adapter, params)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     stream = TextStream(engine.tokenizer, params.stop)
     if body.stream:

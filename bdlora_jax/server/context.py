@@ -1,10 +1,16 @@
 """What every route needs (engine, scheduler, served model name, settings), kept on the app and handed to routes."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+    from ..engine.scheduler import Scheduler
 
 
 @dataclass(frozen=True)
@@ -15,8 +21,8 @@ class ServerContext:
     (None: anywhere); created: the server's start time, shown in /v1/models.
     """
 
-    engine: Any
-    scheduler: Any
+    engine: Engine
+    scheduler: Scheduler
     served_name: str
     lora_root: Path | None
     created: int

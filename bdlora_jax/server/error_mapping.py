@@ -1,4 +1,4 @@
-"""HTTP answers to errors: ONE table from error type to status and OpenAI error type and code.
+"""HTTP answers to errors: one table from error type to status and OpenAI error type and code.
 
 A route raises a typed error (bdlora_jax.errors) or lets the engine's propagate; the handler answers it with
 the row of its nearest class in ERROR_KINDS as {"error": {"message", "type", "code"}}. No message is parsed:
@@ -84,10 +84,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BdloraError)
     async def typed_error(_, error: BdloraError):
+        """A typed error, by its row of the table."""
         return error_response(error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_, exc: RequestValidationError):
+        """A body that is not JSON, or a field pydantic refuses (missing, wrongly typed), naming the field."""
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
             return error_response(MalformedBodyError(first.get("msg")))
@@ -96,6 +98,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def framework_error(_, exc: StarletteHTTPException):
+        """An error Starlette raises itself, with its own status."""
         body = {"error": {"message": str(exc.detail), "type": INVALID_REQUEST,
                           "code": FRAMEWORK_CODES.get(exc.status_code)}}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

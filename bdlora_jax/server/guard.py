@@ -25,5 +25,6 @@ def add_guard(app: FastAPI, api_key: str | None) -> None:
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        """Answer a refused request at once; pass any other on."""
         refused = refusal(request, api_key)
         return error_response(refused) if refused is not None else await call_next(request)
