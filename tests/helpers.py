@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from bdlora_jax import Engine
 from bdlora_jax.config import ModelConfig
-from bdlora_jax.lora.peft_io import AdapterError
+from bdlora_jax.errors import AdapterError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_tiny"  # 2-layer Llama, PEFT adapters, reference logits
 MESHES = ("1x1", "1x2", "1x4", "1x8", "2x4")

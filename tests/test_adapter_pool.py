@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import ATOL, GOOD, assert_serves, make_engine, prompts
 
-from bdlora_jax.engine.adapter_pool import PoolFullError
+from bdlora_jax.errors import PoolFullError
 
 
 # ---------------------------------------------------------------------------------- registry errors

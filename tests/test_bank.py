@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import ATOL, GOOD, assert_serves, copy_adapter, make_engine, prompts, refuse_then_recover
 
-from bdlora_jax.lora.peft_io import AdapterError
+from bdlora_jax.errors import AdapterError
 
 
 # ----------------------------------------------------------------------------- rank > max_lora_rank

@@ -35,7 +35,8 @@ from helpers import (
 from helpers import lora_tensor_name as key
 from safetensors.numpy import load_file, save_file
 
-from bdlora_jax.lora.peft_io import AdapterError, read_adapter, write_adapter
+from bdlora_jax.errors import AdapterError
+from bdlora_jax.lora.peft_io import read_adapter, write_adapter
 
 
 def test_adapter_error_is_value_error():

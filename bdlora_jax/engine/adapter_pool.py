@@ -12,14 +12,11 @@ from typing import Iterable
 
 import numpy as np
 
+from ..errors import AdapterConflictError, AdapterNotFoundError, PoolFullError
 from ..lora.adapter import LoraAdapter
 from ..lora.bank import BankLayout, slot_arrays, write_slot, zeros_bank
 from ..lora.peft_io import read_adapter
 from ..sharding import ShardingPlan
-
-
-class PoolFullError(RuntimeError):
-    """Every device slot holds an adapter that the current batch needs."""
 
 
 class AdapterPool:
@@ -44,14 +41,14 @@ class AdapterPool:
         With a source directory, only the path is kept and the adapter is read again when it is loaded.
         """
         if name in self.adapters:
-            raise ValueError(f"adapter {name!r} is already registered; remove it first")
+            raise AdapterConflictError(name, f"adapter {name!r} is already registered; remove it first")
         slot_arrays(adapter, self.layout)
         self.adapters[name] = Path(source) if source is not None else adapter
 
     def unregister(self, name: str) -> None:
         """Forget an adapter; its slot (if any) becomes free."""
         if name not in self.adapters:
-            raise KeyError(f"adapter {name!r} is not registered")
+            raise AdapterNotFoundError(name)
         del self.adapters[name]
         self.resident.pop(name, None)
 
@@ -67,9 +64,10 @@ class AdapterPool:
         needed = {n for n in names if n is not None}
         for name in needed:
             if name not in self.adapters:
-                raise KeyError(f"adapter {name!r} is not registered")
+                raise AdapterNotFoundError(name)
         if len(needed) > self.capacity:
-            raise PoolFullError(f"{len(needed)} distinct adapters in one batch but max_loras={self.capacity}")
+            raise PoolFullError(self.capacity,
+                                f"{len(needed)} distinct adapters in one batch but max_loras={self.capacity}")
         for name in names:
             if name is not None:
                 self._ensure_resident(name, needed)
@@ -83,7 +81,7 @@ class AdapterPool:
         free = [s for s in range(1, self.layout.num_slots) if s not in used]
         victim = None if free else next((n for n in self.resident if n not in pinned), None)
         if not free and victim is None:
-            raise PoolFullError(f"every slot holds an adapter in use; cannot load {name!r}")
+            raise PoolFullError(self.capacity, f"every slot holds an adapter in use; cannot load {name!r}")
         entry = self.adapters[name]
         adapter = entry if isinstance(entry, LoraAdapter) else read_adapter(entry, self.layout.config, name)
         arrays = slot_arrays(adapter, self.layout)  # a read or fit error here leaves every slot as it was

@@ -13,6 +13,8 @@ import numpy as np
 
 from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
 from ..config import EngineConfig, ModelConfig
+from ..errors import (AdapterConflictError, AdapterNotFoundError, AdapterNotRemovableError, ContextLengthError,
+                      InvalidRequestError)
 from ..lora.adapter import LoraAdapter
 from ..lora.bank import BankLayout
 from ..lora.compressed import CompressedServing
@@ -95,8 +97,9 @@ class Engine:
         """Register a PEFT LoRA / BD-LoRA adapter; a bad one raises and leaves the engine as it was."""
         if self.compressed is not None and name in self.compressed:
             source = path_or_adapter.name if isinstance(path_or_adapter, LoraAdapter) else str(path_or_adapter)
-            raise ValueError(f"adapter name {name!r} (from {source}) clashes with the adapter {name!r} of the "
-                             f"compressed bank {self.compressed.where}; choose another name")
+            raise AdapterConflictError(name, f"adapter name {name!r} (from {source}) clashes with the adapter "
+                                             f"{name!r} of the compressed bank {self.compressed.where}; "
+                                             "choose another name")
         if isinstance(path_or_adapter, LoraAdapter):
             self.pool.register(name, path_or_adapter)
         else:
@@ -105,8 +108,9 @@ class Engine:
     def remove_adapter(self, name: str) -> None:
         """Unregister a pool adapter; compressed-bank adapters are served for the engine's lifetime."""
         if self.compressed is not None and name in self.compressed:
-            raise ValueError(f"adapter {name!r} belongs to the compressed bank {self.compressed.where}, which is "
-                             "placed once at start-up; its adapters cannot be removed")
+            raise AdapterNotRemovableError(name, f"adapter {name!r} belongs to the compressed bank "
+                                                 f"{self.compressed.where}, which is placed once at start-up; "
+                                                 "its adapters cannot be removed")
         self.pool.unregister(name)
 
     def resolve(self, names: Sequence[str | None]) -> tuple[list[int], list[int], list[int]]:
@@ -115,7 +119,7 @@ class Engine:
         names = list(names)
         for name in names:
             if name is not None and not self.has_adapter(name):
-                raise KeyError(f"adapter {name!r} is not registered")
+                raise AdapterNotFoundError(name)
         if self.compressed is None:
             return self.pool.slots_for(names), [0] * len(names), [0] * len(names)
         slots = self.pool.slots_for([None if name in self.compressed else name for name in names])
@@ -129,16 +133,18 @@ class Engine:
     def batch_logits(self, sequences: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> list[np.ndarray]:
         """Float32 logits (len, vocab) for each sequence, all rows in one batch, each with its own adapter."""
         if len(sequences) != len(adapters):
-            raise ValueError(f"{len(sequences)} sequences but {len(adapters)} adapters")
+            raise InvalidRequestError("adapters", f"{len(sequences)} sequences but {len(adapters)} adapters")
         lengths = [len(s) for s in sequences]
         if min(lengths, default=0) < 1:
-            raise ValueError("every sequence needs at least one token")
+            raise InvalidRequestError("sequences", "every sequence needs at least one token")
         if max(lengths) > self.config.max_seq_len:
-            raise ValueError(f"sequence of {max(lengths)} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            raise InvalidRequestError("sequences", f"sequence of {max(lengths)} tokens exceeds "
+                                                   f"max_seq_len={self.config.max_seq_len}")
         for seq in sequences:
             bad = [t for t in seq if not 0 <= int(t) < self.model_config.vocab_size]
             if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+                raise InvalidRequestError("sequences", f"token id {bad[0]} is outside the vocabulary "
+                                                       f"[0, {self.model_config.vocab_size})")
         ids = self.resolve(adapters)
         rows = -(-len(sequences) // self.plan.data_size) * self.plan.data_size
         tokens = np.zeros((rows, max(lengths)), np.int32)
@@ -170,15 +176,16 @@ class Engine:
         """Token ids of a prompt given as text (needs a tokenizer) or as ids (checked against the vocabulary)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer.json: pass prompts as token ids")
+                raise InvalidRequestError("prompt", "this model has no tokenizer.json: pass prompts as token ids")
             ids = self.tokenizer.encode(prompt).ids
         else:
             ids = [int(t) for t in prompt]
         if not ids:
-            raise ValueError("empty prompt")
+            raise InvalidRequestError("prompt", "empty prompt")
         bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+            raise InvalidRequestError("prompt", f"token id {bad[0]} is outside the vocabulary "
+                                                f"[0, {self.model_config.vocab_size})")
         return ids
 
     def generate(
@@ -199,7 +206,7 @@ class Engine:
         """
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
         if len(adapters) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+            raise InvalidRequestError("adapters", f"{len(prompts)} prompts but {len(adapters)} adapters")
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens,
                                 stop=tuple(stop), stop_token_ids=tuple(stop_token_ids))
         params.validate(self.model_config.vocab_size)
@@ -207,10 +214,11 @@ class Engine:
         for prompt, adapter in zip(prompts, adapters):
             ids = self._prompt_ids(prompt)
             if len(ids) + max_tokens > self.config.max_seq_len:
-                raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={max_tokens} exceeds "
-                                 f"max_seq_len={self.config.max_seq_len}")
+                raise ContextLengthError(len(ids), max_tokens, self.config.max_seq_len,
+                                         f"prompt of {len(ids)} tokens + max_tokens={max_tokens} exceeds "
+                                         f"max_seq_len={self.config.max_seq_len}")
             if adapter is not None and not self.has_adapter(adapter):
-                raise KeyError(f"adapter {adapter!r} is not registered")
+                raise AdapterNotFoundError(adapter)
             requests.append(Request(ids, adapter, params))
         done = self.generator.run(requests)
         decode = self.tokenizer.decode if self.tokenizer is not None else None

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..model.llama import AdapterBatch, forward, init_cache, slot_groups
-from ..lora.peft_io import AdapterError
-from .adapter_pool import PoolFullError
+from ..errors import AdapterError, PoolFullError
 from .sampler import SamplingParams, row_keys, sample
 
 MIN_BUCKET = 16

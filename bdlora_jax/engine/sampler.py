@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from ..errors import InvalidRequestError
+
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_SEED = 2**31 - 1
 
@@ -30,20 +32,21 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
 
     def validate(self, vocab_size: int) -> None:
-        """Raise ValueError naming the first field outside its range."""
+        """Raise InvalidRequestError for the first field outside its range (its `field` names it)."""
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequestError("temperature", f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequestError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.top_k <= vocab_size:
-            raise ValueError(f"top_k must be in [0, {vocab_size}] (0 = off), got {self.top_k}")
+            raise InvalidRequestError("top_k", f"top_k must be in [0, {vocab_size}] (0 = off), got {self.top_k}")
         if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
-            raise ValueError(f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens}")
+            raise InvalidRequestError("max_tokens",
+                                      f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+            raise InvalidRequestError("seed", f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"stop_token_ids must be in [0, {vocab_size}), got {bad}")
+            raise InvalidRequestError("stop_token_ids", f"stop_token_ids must be in [0, {vocab_size}), got {bad}")
 
 
 CANDIDATES = 64  # tokens a top-k / top-p row draws from without touching the rest of the vocabulary

@@ -11,8 +11,11 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import AdapterInUseError
+from ..lora.adapter import LoraAdapter
 from .generator import Generator, Request
 from .metrics import ServingMetrics
 
@@ -55,6 +58,26 @@ class Scheduler:
         self._commands.put((fn, future))
         self._wake.set()
         return future
+
+    def add_adapter(self, name: str, adapter: str | Path | LoraAdapter) -> Future:
+        """Register an adapter between steps; its future raises as Engine.add_adapter does."""
+        return self.call(lambda: self.engine.add_adapter(name, adapter))
+
+    def remove_adapter(self, name: str) -> Future:
+        """Unregister an adapter between steps; the future raises AdapterInUseError while running or waiting
+        requests use it, and what Engine.remove_adapter raises otherwise (AdapterNotFoundError, ...)."""
+
+        def remove():
+            if name in self.engine.pool.adapters and self._in_use(name):
+                raise AdapterInUseError(name)
+            self.engine.remove_adapter(name)
+
+        return self.call(remove)
+
+    def _in_use(self, name: str) -> bool:
+        """Whether a running or waiting request uses this adapter (in the scheduler thread, which has just handed
+        the submitted requests to the generator)."""
+        return name in self.generator.adapters_in_use() or any(r.adapter == name for r in self.generator.waiting)
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) requests."""

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ATTENTION_MODULES, LORA_MODULES, ModelConfig
+from ..errors import AdapterError
 from .adapter import LoraAdapter, ModuleFactors
 
 CONFIG_FILE = "adapter_config.json"
@@ -32,10 +33,6 @@ _UNSUPPORTED = {
 PEFT_DEFAULT_ALPHA = 8
 
 
-class AdapterError(ValueError):
-    """A PEFT adapter that cannot be served on this base model; the message names the file and field."""
-
-
 def _parent(module: str) -> str:
     return "self_attn" if module in ATTENTION_MODULES else "mlp"
 
@@ -48,49 +45,51 @@ def tensor_key(layer: int, module: str, factor: str) -> str:
 def _read_config(path: Path) -> dict[str, Any]:
     config_path = path / CONFIG_FILE
     if not path.is_dir():
-        raise AdapterError(f"{path}: adapter directory does not exist")
+        raise AdapterError(f"{path}: adapter directory does not exist", path=path)
     if not config_path.is_file():
-        raise AdapterError(f"{config_path}: missing; a PEFT adapter directory needs {CONFIG_FILE}")
+        raise AdapterError(f"{config_path}: missing; a PEFT adapter directory needs {CONFIG_FILE}", path=config_path)
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{config_path}: not valid JSON ({e})") from None
+        raise AdapterError(f"{config_path}: not valid JSON ({e})", path=config_path) from None
     if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: expected a JSON object")
+        raise AdapterError(f"{config_path}: expected a JSON object", path=config_path)
     return config
 
 
 def _check_config(config: dict[str, Any], where: Path) -> tuple[int, float, dict[str, Any] | None]:
     """Validate the fields we serve; return (r, lora_alpha, use_bdlora block or None)."""
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{where}: peft_type={config.get('peft_type')!r}; expected 'LORA'")
+        raise AdapterError(f"{where}: peft_type={config.get('peft_type')!r}; expected 'LORA'", path=where)
     r = config.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise AdapterError(f"{where}: field 'r'={r!r}; expected a positive integer")
+        raise AdapterError(f"{where}: field 'r'={r!r}; expected a positive integer", path=where)
     alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise AdapterError(f"{where}: field 'lora_alpha'={alpha!r}; expected a number")
+        raise AdapterError(f"{where}: field 'lora_alpha'={alpha!r}; expected a number", path=where)
     for field, allowed in _UNSUPPORTED.items():
         if field in config and config[field] not in allowed:
-            raise AdapterError(f"{where}: field {field!r}={config[field]!r} is not supported (expected {allowed[0]!r})")
+            raise AdapterError(f"{where}: field {field!r}={config[field]!r} is not supported (expected {allowed[0]!r})",
+                               path=where)
     targets = config.get("target_modules")
     if isinstance(targets, (list, tuple)):
         unknown = [t for t in targets if t not in LORA_MODULES and t != "all-linear"]
         if unknown:
-            raise AdapterError(f"{where}: unknown target module(s) {unknown}; expected some of {list(LORA_MODULES)}")
+            raise AdapterError(f"{where}: unknown target module(s) {unknown}; expected some of {list(LORA_MODULES)}",
+                               path=where)
     bd = config.get("use_bdlora")
     if bd is None:
         return r, float(alpha), None
     if not isinstance(bd, dict):
-        raise AdapterError(f"{where}: field 'use_bdlora' must be an object, got {bd!r}")
+        raise AdapterError(f"{where}: field 'use_bdlora' must be an object, got {bd!r}", path=where)
     nblocks = bd.get("nblocks", 1)
     if not isinstance(nblocks, int) or isinstance(nblocks, bool) or nblocks < 1:
-        raise AdapterError(f"{where}: field 'use_bdlora.nblocks'={nblocks!r}; expected a positive integer")
+        raise AdapterError(f"{where}: field 'use_bdlora.nblocks'={nblocks!r}; expected a positive integer", path=where)
     if r % nblocks:
-        raise AdapterError(f"{where}: r={r} is not divisible by use_bdlora.nblocks={nblocks}")
+        raise AdapterError(f"{where}: r={r} is not divisible by use_bdlora.nblocks={nblocks}", path=where)
     for key in ("target_modules_bd_a", "target_modules_bd_b"):
         if not isinstance(bd.get(key) or [], list):
-            raise AdapterError(f"{where}: field 'use_bdlora.{key}' must be a list of module names")
+            raise AdapterError(f"{where}: field 'use_bdlora.{key}' must be a list of module names", path=where)
     return r, float(alpha), bd
 
 
@@ -102,11 +101,12 @@ def _block_counts(module: str, bd: dict[str, Any] | None, where: Path) -> tuple[
     in_a = any(p in module for p in bd.get("target_modules_bd_a") or [])
     in_b = any(p in module for p in bd.get("target_modules_bd_b") or [])
     if in_a and in_b:
-        raise AdapterError(f"{where}: module {module!r} matches both use_bdlora.target_modules_bd_a and _bd_b")
+        raise AdapterError(f"{where}: module {module!r} matches both use_bdlora.target_modules_bd_a and _bd_b",
+                           path=where)
     if not (in_a or in_b) and bd.get("match_strict", True):
         raise AdapterError(
             f"{where}: module {module!r} matches neither use_bdlora.target_modules_bd_a nor _bd_b "
-            "(match_strict is true)"
+            "(match_strict is true)", path=where
         )
     return (nblocks if in_a else 1), (nblocks if in_b else 1)
 
@@ -125,14 +125,14 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         other = "adapter_model.bin exists, but only safetensors are read" if (path / "adapter_model.bin").exists() else "missing"
-        raise AdapterError(f"{weights}: {other}")
+        raise AdapterError(f"{weights}: {other}", path=weights)
     from safetensors import safe_open
 
     try:
         with safe_open(str(weights), framework="flax") as f:
             return {key: np.asarray(f.get_tensor(key), dtype=np.float32) for key in f.keys()}
     except Exception as e:  # safetensors raises several error types for corrupt files
-        raise AdapterError(f"{weights}: cannot read safetensors ({e})") from None
+        raise AdapterError(f"{weights}: cannot read safetensors ({e})", path=weights) from None
 
 
 def read_adapter(path: str | Path, config: ModelConfig, name: str | None = None) -> LoraAdapter:
@@ -147,41 +147,47 @@ def read_adapter(path: str | Path, config: ModelConfig, name: str | None = None)
     for key, value in tensors.items():
         match = _KEY.match(key)
         if not match:
-            raise AdapterError(f"{weights}: tensor {key!r} is not a LoRA factor of a Llama layer module")
+            raise AdapterError(f"{weights}: tensor {key!r} is not a LoRA factor of a Llama layer module", path=weights)
         layer, parent, module, factor = int(match[1]), match[2], match[3], match[4]
         if module not in LORA_MODULES or _parent(module) != parent:
-            raise AdapterError(f"{weights}: tensor {key!r}: unknown target module {parent}.{module}; expected one of {list(LORA_MODULES)}")
+            raise AdapterError(f"{weights}: tensor {key!r}: unknown target module {parent}.{module}; "
+                               f"expected one of {list(LORA_MODULES)}", path=weights)
         if not _targets(adapter_config, layer, parent, module):
             raise AdapterError(
-                f"{weights}: tensor {key!r} is for {module}, which target_modules={adapter_config.get('target_modules')!r} "
-                f"in {config_path.name} does not name; PEFT would ignore it"
+                f"{weights}: tensor {key!r} is for {module}, which "
+                f"target_modules={adapter_config.get('target_modules')!r} "
+                f"in {config_path.name} does not name; PEFT would ignore it", path=weights
             )
         if layer >= config.num_layers:
-            raise AdapterError(f"{weights}: tensor {key!r}: layer {layer} but the base model has {config.num_layers} layers")
+            raise AdapterError(f"{weights}: tensor {key!r}: layer {layer} but the base model has "
+                               f"{config.num_layers} layers", path=weights)
         if not np.all(np.isfinite(value)):
-            raise AdapterError(f"{weights}: tensor {key!r} contains NaN or Inf values")
+            raise AdapterError(f"{weights}: tensor {key!r} contains NaN or Inf values", path=weights)
         entry = pairs.setdefault((layer, module), {})
         if factor in entry:
-            raise AdapterError(f"{weights}: tensor {key!r} appears twice (with and without the base_model.model. prefix)")
+            raise AdapterError(f"{weights}: tensor {key!r} appears twice "
+                               "(with and without the base_model.model. prefix)", path=weights)
         entry[factor] = value
     if not pairs:
-        raise AdapterError(f"{weights}: no LoRA tensors found")
+        raise AdapterError(f"{weights}: no LoRA tensors found", path=weights)
     modules: dict[tuple[int, str], ModuleFactors] = {}
     for (layer, module), factors in sorted(pairs.items()):
         missing = {"A", "B"} - set(factors)
         if missing:
-            raise AdapterError(f"{weights}: tensor {tensor_key(layer, module, missing.pop())!r} is missing")
+            raise AdapterError(f"{weights}: tensor {tensor_key(layer, module, missing.pop())!r} is missing",
+                               path=weights)
         a_blocks, b_blocks = _block_counts(module, bd, config_path)
         d_in, d_out = config.module_dims(module)
         for blocks, dim in ((a_blocks, d_in), (b_blocks, d_out)):
             if dim % blocks:
-                raise AdapterError(f"{config_path}: nblocks={blocks} does not divide {module}'s dimension {dim}")
+                raise AdapterError(f"{config_path}: nblocks={blocks} does not divide {module}'s dimension {dim}",
+                                   path=config_path)
         expected = {"A": (r, d_in // a_blocks), "B": (d_out, r // b_blocks)}
         for factor in ("A", "B"):
             if factors[factor].shape != expected[factor]:
                 raise AdapterError(
                     f"{weights}: tensor {tensor_key(layer, module, factor)!r} has shape {factors[factor].shape}; "
-                    f"expected {expected[factor]} for r={r} on this base model"
+                    f"expected {expected[factor]} for r={r} on this base model", path=weights
                 )
         modules[(layer, module)] = ModuleFactors(factors["A"], factors["B"], a_blocks, b_blocks)
     return LoraAdapter(
