@@ -3,6 +3,7 @@
 Subcommands:
   comm   collectives of one compiled decode step: base model, with the strategy's adapters, and the extra.
   serve  offline generation throughput: base only, one adapter, N distinct adapters, with ratios to base.
+  step   one decode step (base only, 1 and N adapters) and the sampler against the weight-matmul floor.
   demo-accuracy  exact-match accuracy of each demo task adapter on held-out words, adapters mixed in batches.
   kernel one layer's per-device LoRA timed for the Pallas kernels, the XLA gather, a one-hot einsum and
          lax.ragged_dot, with achieved bandwidth against the device's peak (needs a GPU; says so otherwise).
@@ -22,7 +23,7 @@ import json
 import logging
 import sys
 
-from . import bench_ablate, bench_compress, bench_cost, bench_demo, bench_serve
+from . import bench_ablate, bench_compress, bench_cost, bench_demo, bench_serve, bench_step
 from .mesh import emulate_host_devices
 
 
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     comm.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     comm.add_argument("--json", action="store_true", help="print one JSON object")
     bench_serve.add_arguments(sub.add_parser("serve", help="offline throughput with 0, 1 and N distinct adapters"))
+    bench_step.add_arguments(sub.add_parser("step", help="decode step and sampler against the weight-matmul floor"))
     bench_demo.add_arguments(sub.add_parser("demo-accuracy", help="exact match of the demo task adapters"))
     bench_ablate.add_arguments(sub.add_parser("ablate", help="sweep a grid of strategies, meshes, ranks, adapters"))
     bench_compress.add_arguments(sub.add_parser("compress", help="compression error and compressed serving throughput"))
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     emulate_host_devices(getattr(args, "mesh", "1x1"))
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, format="%(message)s")
     run, show = {"comm": (run_comm, _print_comm), "serve": (bench_serve.run, bench_serve.print_report),
+                 "step": (bench_step.run, bench_step.print_report),
                  "demo-accuracy": (bench_demo.run, bench_demo.print_report),
                  "ablate": (bench_ablate.run, bench_ablate.print_report),
                  "compress": (bench_compress.run, bench_compress.print_report),

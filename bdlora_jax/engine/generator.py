@@ -246,7 +246,7 @@ class Generator:
                 self.running[row] = request
         decode_rows = [row for row in plan.decode_rows if row in self.running]
         if decode_rows:
-            new = np.asarray(self._decode_step(plan))
+            new = np.asarray(self.decode(plan))
             for row in decode_rows:
                 request = self.running[row]
                 self.tokens[row], self.positions[row] = new[row], self.positions[row] + 1
@@ -255,7 +255,7 @@ class Generator:
                     finished.append(request)
         return finished
 
-    def _decode_step(self, plan: StepPlan) -> jax.Array:
+    def decode(self, plan: StepPlan) -> jax.Array:
         """Run the decode step of a plan; the base-model step when no row uses an adapter."""
         ids = np.zeros((3, self.rows), np.int32)
         for array, values in zip(ids, (plan.decode_slots, plan.decode_clusters, plan.decode_sigma_ids)):
@@ -316,7 +316,7 @@ class Generator:
                 self._prefill_batch([], length, size)
         for groups in [0, *self.group_sizes]:
             slots = tuple(range(1, groups + 1)) + (0,) * (self.rows - groups)
-            self._decode_step(StepPlan((), slots, tuple(range(self.rows)), (0,) * self.rows, (0,) * self.rows))
+            self.decode(StepPlan((), slots, tuple(range(self.rows)), (0,) * self.rows, (0,) * self.rows))
 
     def _emit(self, request: Request, token: int) -> bool:
         """Record a token, tell the listener, and return whether the request is now finished."""
