@@ -44,21 +44,27 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 
 def resolve_model_config(spec: str | Path) -> ModelConfig:
-    """ModelConfig of "demo" (the shipped model), a configs/models/*.yaml file, or a Hugging Face model directory."""
+    """ModelConfig of "demo" (the shipped model), a Hugging Face model directory, or a model config: a *.yaml
+    file, or the name of one shipped in bdlora_jax/configs/models (bare, or as configs/models/NAME.yaml)."""
     import dataclasses
 
     from .config import load_model_config_yaml
+    from .configs import SUFFIXES, ConfigNotFound, find_config, shipped_names
     from .demo import MODEL_DIR
 
     if str(spec) == "demo":
         return dataclasses.replace(load_model_config(MODEL_DIR), name="demo")
-    path = Path(spec)
-    if path.is_dir():
-        return load_model_config(path)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return load_model_config_yaml(path)
-    raise CheckpointError(f"model {str(spec)!r}: expected 'demo', a configs/models/*.yaml file or a Hugging Face "
-                          "model directory")
+    if Path(spec).is_dir():
+        return load_model_config(Path(spec))
+    try:
+        path = find_config(spec, "models")
+    except ConfigNotFound:
+        path = None
+    if path is None or path.suffix not in SUFFIXES:
+        raise CheckpointError(f"model {str(spec)!r}: expected 'demo', a Hugging Face model directory, a model config "
+                              f"*.yaml file or the name of a shipped one ({', '.join(shipped_names('models'))})")
+    return load_model_config_yaml(path)
+
 
 def _weight_files(path: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file holding it."""

@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import DTYPES, STRATEGIES
 from .mesh import emulate_host_devices
 
 log = logging.getLogger("bdlora_jax.serve")
@@ -34,12 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compressed-bank", type=Path, default=None, metavar="DIR",
                    help="a compressed-bank directory (python -m bdlora_jax.compress) whose adapters are served by name")
     p.add_argument("--mesh", default="1x1", help="DxM device mesh, e.g. 1x8 (emulated on a CPU-only host)")
-    p.add_argument("--strategy", default="bdlora", choices=("replicated", "slora", "bdlora"))
+    p.add_argument("--strategy", default="bdlora", choices=STRATEGIES)
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")

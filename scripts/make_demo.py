@@ -116,7 +116,7 @@ def main() -> None:
     byte_level_tokenizer().save(str(args.out / "model" / "tokenizer.json"))
     with tempfile.TemporaryDirectory() as work:
         train_adapters(args.out / "model", Path(work), args.out, args.adapter_steps)
-    from bdlora_jax.bench_demo import demo_accuracy
+    from bdlora_jax.bench.demo_accuracy import demo_accuracy
 
     print(json.dumps(demo_accuracy(model=str(args.out / "model"), adapters_dir=args.out / "adapters", mesh="1x1",
                                    strategy="replicated", n=100)))

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bdlora_jax.bench_demo import demo_accuracy
+from bdlora_jax.bench.demo_accuracy import demo_accuracy
 from bdlora_jax.config import COLUMN_MODULES, LORA_MODULES, ModelConfig
 from bdlora_jax.demo import MODEL_DIR
 from bdlora_jax.demo.tasks import ADAPTER_TASKS, write_datasets

@@ -9,15 +9,15 @@ import matplotlib.image
 import pytest
 import yaml
 
-from bdlora_jax import bench_ablate
-from bdlora_jax.bench import main
+from bdlora_jax.bench import ablate as bench_ablate
+from bdlora_jax.bench.cli import main
 from bdlora_jax.checkpoint import resolve_model_config
 from bdlora_jax.comm import DecodeShape, communication_report
+from bdlora_jax.configs import CONFIGS_DIR
 from bdlora_jax.mesh import make_mesh
 from bdlora_jax.sharding import make_plan
 
-ROOT = Path(__file__).parent.parent
-SMOKE = ROOT / "configs" / "ablations" / "smoke.yaml"
+SMOKE = CONFIGS_DIR / "ablations" / "smoke.yaml"
 pytestmark = [pytest.mark.xdist_group("ablate"), pytest.mark.slow]  # one worker runs the shared smoke grid once
 AXES = ("strategy", "mesh", "rank", "adapters", "batch", "compressed")
 

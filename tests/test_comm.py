@@ -9,11 +9,12 @@ import pytest
 
 from bdlora_jax.comm import DecodeShape, compile_decode_step, count_collectives
 from bdlora_jax.config import load_model_config_yaml
+from bdlora_jax.configs import CONFIGS_DIR
 from bdlora_jax.mesh import make_mesh
 from bdlora_jax.sharding import make_plan
 
 ROOT = Path(__file__).parent.parent
-CONFIG_8B = ROOT / "configs" / "models" / "llama-3.1-8b.yaml"
+CONFIG_8B = CONFIGS_DIR / "models" / "llama-3.1-8b.yaml"
 SHAPE = DecodeShape(batch=16, max_seq_len=1024, max_loras=8, rank=16, dtype="bfloat16")
 
 
@@ -74,7 +75,7 @@ def test_count_collectives_parses_sync_async_and_tuple_results():
 
 def test_bench_comm_prints_one_json_object():
     out = subprocess.run(
-        [sys.executable, "-m", "bdlora_jax.bench", "comm", "--model", str(ROOT / "configs/models/tiny.yaml"),
+        [sys.executable, "-m", "bdlora_jax.bench", "comm", "--model", str(CONFIGS_DIR / "models" / "tiny.yaml"),
          "--mesh", "1x4", "--strategy", "slora", "--rank", "8", "--batch", "4", "--seq-len", "64", "--json"],
         capture_output=True, text=True, check=True, cwd=ROOT,
     )

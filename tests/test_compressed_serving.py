@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from pathlib import Path
 
 import httpx
 import jax
@@ -28,6 +27,7 @@ from bdlora_jax.comm import DecodeShape, compile_decode_step, count_collectives
 from bdlora_jax.compress.store import MANIFEST_FILE, CompressedBankError
 from bdlora_jax.compress.synthetic import random_compressed_bank
 from bdlora_jax.config import ModelConfig, load_model_config_yaml
+from bdlora_jax.configs import CONFIGS_DIR
 from bdlora_jax.engine.scheduler import Scheduler
 from bdlora_jax.lora.bank import BankLayout, slot_arrays
 from bdlora_jax.lora.compressed import CompressedLayout, CompressedServing
@@ -156,7 +156,7 @@ def test_device_arrays_hold_each_adapters_reconstruction(mesh, strategy, blocks)
 
 # -------------------------------------------------------------------------------- collectives in the HLO (1x8)
 
-TINY = dataclasses.replace(load_model_config_yaml(Path(__file__).parent.parent / "configs" / "models" / "tiny.yaml"),
+TINY = dataclasses.replace(load_model_config_yaml(CONFIGS_DIR / "models" / "tiny.yaml"),
                            num_layers=1)  # 8 kv heads: nothing falls back to replicated on 1x8
 SHAPE = DecodeShape(batch=8, max_seq_len=16, max_loras=2, rank=16, dtype="float32")
 

@@ -1,11 +1,10 @@
 """The decode-step cost model against cases computed by hand, profile loading, and a compiled tiny step."""
 
-from pathlib import Path
-
 import pytest
 
 from bdlora_jax.comm import DecodeShape, communication_report
 from bdlora_jax.config import load_model_config_yaml
+from bdlora_jax.configs import CONFIGS_DIR
 from bdlora_jax.cost_model import (
     PROFILE_FIELDS,
     Collectives,
@@ -22,8 +21,7 @@ from bdlora_jax.cost_model import (
 from bdlora_jax.mesh import make_mesh
 from bdlora_jax.sharding import make_plan
 
-ROOT = Path(__file__).parent.parent
-TINY = ROOT / "configs" / "models" / "tiny.yaml"
+TINY = CONFIGS_DIR / "models" / "tiny.yaml"
 PROFILE = DeviceProfile(name="made-up", hbm_bandwidth=1e12, peak_flops=1e14, collective_latency=1e-5,
                         link_bandwidth=1e11, sources={f: "test" for f in PROFILE_FIELDS})
 COLLECTIVES = (Collectives("all-reduce", 3, 8_000_000), Collectives("all-gather", 2, 4_000_000),
@@ -108,7 +106,7 @@ def test_profile_loads_and_errors_name_file_and_field(tmp_path):
 
 @pytest.mark.parametrize("name", ["a100-80gb-nvlink.yaml", "h100-sxm.yaml"])
 def test_shipped_profiles_load_with_a_source_for_every_number(name):
-    profile = load_device_profile(ROOT / "configs" / "devices" / name)
+    profile = load_device_profile(CONFIGS_DIR / "devices" / name)
     assert set(profile.sources) == set(PROFILE_FIELDS)
 
 
@@ -160,8 +158,8 @@ def test_step_cost_of_compiled_tiny_step_matches_communication_report(tiny):
 
 
 def test_bench_cost_pairs_slora_with_bdlora_on_every_device(tiny):
-    from bdlora_jax import bench_cost
-    from bdlora_jax.bench import build_parser
+    from bdlora_jax.bench import cost as bench_cost
+    from bdlora_jax.bench.cli import build_parser
 
     args = build_parser().parse_args(["cost", "--model", str(TINY), "--ranks", "8", "--multipliers", "2",
                                       "--batch", "4", "--seq-len", "64", "--max-loras", "2", "--json"])

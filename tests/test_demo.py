@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bdlora_jax.bench_demo import demo_accuracy
+from bdlora_jax.bench.demo_accuracy import demo_accuracy
 from bdlora_jax.demo import COMPRESSED_DIR, demo_adapters
 from bdlora_jax.demo.tasks import ADAPTER_TASKS, caesar, examples
 

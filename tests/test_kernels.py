@@ -11,15 +11,14 @@ textbook bound for two orders of the same float32 sum; Σ|terms| is the referenc
 
 from functools import partial
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdlora_jax.bench_kernel import ModuleShape, layer_inputs, local_shapes, methods, token_slots
+from bdlora_jax.bench.lora_timing import ModuleShape, layer_inputs, local_shapes, methods, token_slots
 from bdlora_jax.config import load_model_config_yaml
+from bdlora_jax.configs import CONFIGS_DIR
 from bdlora_jax.kernels import (Config, bgmv_expand, bgmv_shrink, group_by_slot, heuristic_config, reference,
                                 sgmv_expand, sgmv_shrink)
 from bdlora_jax.kernels.lora_triton import _work_items
@@ -194,7 +193,7 @@ def test_benchmark_alternatives_compute_the_same_lora(mode):
 
 
 def test_benchmark_times_the_per_device_shapes_of_each_strategy():
-    config = load_model_config_yaml(Path(__file__).parents[1] / "configs" / "models" / "llama-3.1-8b.yaml")
+    config = load_model_config_yaml(CONFIGS_DIR / "models" / "llama-3.1-8b.yaml")
     q = {s: local_shapes(config, s, 8, 16)[0] for s in ("replicated", "slora", "bdlora")}
     assert q["replicated"].a == (1, 4096, 16) and q["replicated"].b == (1, 16, 512)
     assert q["slora"].a == (1, 4096, 2) and q["slora"].b == (1, 16, 512)

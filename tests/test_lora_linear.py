@@ -10,7 +10,7 @@ from helpers import ONE_LAYER_CONFIG as CONFIG
 from helpers import STRATEGIES
 from jax.sharding import PartitionSpec
 
-from bdlora_jax.bench_kernel import lower_decode_step, triton_kernels
+from bdlora_jax.bench.triton_lowering import lower_decode_step, triton_kernels
 from bdlora_jax.comm import DecodeShape
 from bdlora_jax.lora.bank import BankLayout, slot_arrays, write_slot, zeros_bank
 from bdlora_jax.lora.linear import resolve_impl

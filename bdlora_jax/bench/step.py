@@ -14,53 +14,53 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODEL = "configs/models/small-32k.yaml"
+from .common import SMALL_32K, model_config, shared_options
+
+NAME = "step"
+HELP = "decode step and sampler against the weight-matmul floor"
+OPTIONS = shared_options(model=SMALL_32K, mesh="1x1", strategy=True, dtype="float32")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="configs/models/*.yaml (random weights), a Hugging Face model directory, or demo")
-    parser.add_argument("--mesh", default="1x1")
-    parser.add_argument("--strategy", default="bdlora", choices=("replicated", "slora", "bdlora"))
+    """Decode rows, adapter rank and counts, KV-cache length, timed rounds and the LoRA implementation."""
     parser.add_argument("--batch", type=int, default=32, help="decode rows")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapters", default="1,8,32", help="comma-separated numbers of distinct adapters")
     parser.add_argument("--context", type=int, default=128, help="KV-cache length of every row (max_seq_len)")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (the median of each arm is reported)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--lora-impl", default="auto", choices=("auto", "xla", "pallas"))
-    parser.add_argument("--json", action="store_true")
 
 
 def _engine(args: argparse.Namespace, max_loras: int):
     """An engine of the bench's model with max_loras random rank-`rank` BD-LoRA adapters (one block per device)."""
     import jax.numpy as jnp
 
-    from .checkpoint import load_hf_params, resolve_model_config
-    from .config import EngineConfig
-    from .engine.engine import Engine
-    from .lora.linear import resolve_impl
-    from .lora.synthetic import random_adapter
-    from .mesh import make_mesh
-    from .model.llama import init_model
-    from .sharding import make_plan
+    from ..checkpoint import load_hf_params
+    from ..config import EngineConfig
+    from ..engine.engine import Engine
+    from ..lora.linear import resolve_impl
+    from ..lora.synthetic import random_adapter
+    from ..mesh import make_mesh
+    from ..model.llama import init_model
+    from ..sharding import make_plan
 
-    config = resolve_model_config(args.model)
+    config = model_config(args.model)
     plan = make_plan(make_mesh(args.mesh), args.strategy, config, args.rank)
     impl = resolve_impl(args.lora_impl, plan.mesh.devices.flat[0].platform)
     engine_config = EngineConfig(mesh=args.mesh, strategy=args.strategy, max_loras=max_loras,
                                  max_lora_rank=args.rank, max_batch=args.batch, max_seq_len=args.context,
                                  dtype=args.dtype, lora_impl=args.lora_impl)
-    if str(args.model).endswith((".yaml", ".yml")):
-        params = init_model(config, plan, jnp.dtype(args.dtype), lora_impl=impl)
-    else:
-        from .demo import MODEL_DIR
+    if args.model == "demo" or Path(args.model).is_dir():
+        from ..demo import MODEL_DIR
 
         path = MODEL_DIR if args.model == "demo" else args.model
         params = load_hf_params(path, config, plan, jnp.dtype(args.dtype), lora_impl=impl)
+    else:
+        params = init_model(config, plan, jnp.dtype(args.dtype), lora_impl=impl)
     engine = Engine(config, params, engine_config, None, plan)
     for i in range(max_loras):
         engine.add_adapter(f"a{i}", random_adapter(config, f"a{i}", rank=args.rank, nblocks=plan.model_size, seed=i))
@@ -75,9 +75,9 @@ def weight_matmuls(engine, batch: int):
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from .config import LORA_MODULES
-    from .lora.bank import weight_axes
-    from .mesh import MODEL
+    from ..config import LORA_MODULES
+    from ..lora.bank import weight_axes
+    from ..mesh import MODEL
 
     plan, config = engine.plan, engine.model_config
     model = nnx.merge(engine.graphdef, engine.state)
@@ -108,7 +108,7 @@ def _sampler_arms(engine, batch: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from .engine.sampler import row_keys, sample
+    from ..engine.sampler import row_keys, sample
 
     vocab = engine.model_config.vocab_size
     rng = np.random.default_rng(1)
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     """Time every arm interleaved and report medians with ratios to the floor and to the base-only step."""
     import jax
 
-    from .engine.generator import StepPlan
+    from ..engine.generator import StepPlan
 
     counts = [int(n) for n in args.adapters.split(",") if n]
     engine = _engine(args, max(counts + [1]))

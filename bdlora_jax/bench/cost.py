@@ -11,34 +11,43 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from pathlib import Path
+
+from .common import LLAMA_8B, int_list, model_config, shared_options
 
 DEVICES = ("configs/devices/a100-80gb-nvlink.yaml", "configs/devices/h100-sxm.yaml")
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+NAME = "cost"
+HELP = "predicted GPU decode-step time and BD-LoRA speed-up"
+OPTIONS = shared_options(model=LLAMA_8B, mesh="1x8", dtype="bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="configs/models/llama-3.1-8b.yaml", help="configs/models/*.yaml")
+    """Device profiles, the S-LoRA ranks and BD-LoRA multipliers to pair, and the decode step's shape."""
     parser.add_argument("--device", action="append", default=None,
                         help=f"configs/devices/*.yaml, repeatable (default: {', '.join(DEVICES)})")
-    parser.add_argument("--mesh", default="1x8")
-    parser.add_argument("--ranks", type=_int_list, default=[16, 64], help="S-LoRA ranks r, e.g. 16,64")
-    parser.add_argument("--multipliers", type=_int_list, default=[2, 4], help="BD-LoRA rank = m·r for each m")
+    parser.add_argument("--ranks", type=int_list, default=[16, 64], help="S-LoRA ranks r, e.g. 16,64")
+    parser.add_argument("--multipliers", type=int_list, default=[2, 4], help="BD-LoRA rank = m·r for each m")
     parser.add_argument("--batch", type=int, default=16, help="decode rows (one token each)")
     parser.add_argument("--seq-len", type=int, default=2048, help="KV-cache length every row attends over")
     parser.add_argument("--max-loras", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=1, help="distinct adapters whose factors a step reads")
-    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _device_profile(spec: str):
+    """The DeviceProfile --device names: a profile file, or a shipped one by name or configs/devices/NAME.yaml."""
+    from ..configs import find_config
+    from ..cost_model import load_device_profile
+
+    try:
+        return load_device_profile(find_config(spec, "devices"))
+    except ValueError as e:
+        raise SystemExit(f"--device {spec!r}: {e}") from None
 
 
 def _step(config, mesh, strategy: str, rank: int, args: argparse.Namespace) -> dict:
-    from .comm import DecodeShape
-    from .cost_model import step_cost
-    from .sharding import make_plan
+    """{strategy, rank, cost}: the StepCost of the compiled decode step of `strategy` at `rank`."""
+    from ..comm import DecodeShape
+    from ..cost_model import step_cost
+    from ..sharding import make_plan
 
     shape = DecodeShape(batch=args.batch, max_seq_len=args.seq_len, max_loras=args.max_loras, rank=rank,
                         dtype=args.dtype)
@@ -48,12 +57,11 @@ def _step(config, mesh, strategy: str, rank: int, args: argparse.Namespace) -> d
 
 def run(args: argparse.Namespace) -> dict:
     """Compile every step once, price it on every device, and pair each S-LoRA step with its BD-LoRA steps."""
-    from .config import load_model_config_yaml
-    from .cost_model import load_device_profile, predict
-    from .mesh import make_mesh
+    from ..cost_model import predict
+    from ..mesh import make_mesh
 
-    config = load_model_config_yaml(Path(args.model))
-    profiles = [load_device_profile(p) for p in (args.device or DEVICES)]
+    config = model_config(args.model)
+    profiles = [_device_profile(p) for p in (args.device or DEVICES)]
     mesh = make_mesh(args.mesh)
     steps = {}
     for r in args.ranks:
@@ -92,6 +100,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_report(report: dict) -> None:
+    """A table of every step's predicted times per device, then BD-LoRA's speed-up per rank pair."""
     s = report["setup"]
     devices = list(report["devices"])
     print(f"predicted decode step of {s['model']} ({s['layers']} layers), mesh {s['mesh']}, batch {s['batch']}, "
@@ -101,10 +110,10 @@ def print_report(report: dict) -> None:
     print(f"{'':<50}" + "".join(f"{'compute/memory/comm/total us':>32}" for _ in devices))
     for row in report["steps"]:
         count = sum(c["count"] for c in row["collectives"].values())
-        cells = "".join(
-            f"{t['compute'] * 1e6:>8.0f}{t['memory'] * 1e6:>8.0f}{t['communication'] * 1e6:>8.0f}{t['total'] * 1e6:>8.0f}"
-            for t in (row["seconds"][name] for name in devices))
-        print(f"{row['strategy']:<10}{row['rank']:>6}{row['flops'] / 1e9:>11.2f}{row['bytes'] / 1e9:>8.3f}{count:>13}  {cells}")
+        cells = "".join(f"{t['compute'] * 1e6:>8.0f}{t['memory'] * 1e6:>8.0f}{t['communication'] * 1e6:>8.0f}"
+                        f"{t['total'] * 1e6:>8.0f}" for t in (row["seconds"][name] for name in devices))
+        print(f"{row['strategy']:<10}{row['rank']:>6}{row['flops'] / 1e9:>11.2f}{row['bytes'] / 1e9:>8.3f}"
+              f"{count:>13}  {cells}")
     print(f"{'BD-LoRA / S-LoRA speed-up':<26}" + "".join(f"{name[:30]:>32}" for name in devices))
     for entry in report["speedups"]:
         label = f"r={entry['slora_rank']} vs {entry['bdlora_rank']}"

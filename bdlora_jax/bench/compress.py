@@ -20,9 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import model_config, shared_options
+
+NAME = "compress"
+HELP = "compression error and compressed serving throughput"
+OPTIONS = shared_options(model="demo", model_help="'demo' or a Hugging Face model directory", mesh="1x1",
+                         strategy=True)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="demo", help="'demo' or a Hugging Face model directory")
+    """The synthetic collection, the error table's ranks and clusters, and the throughput runs."""
     parser.add_argument("--adapters", type=int, default=1000, help="adapters in the synthetic collection")
     parser.add_argument("--adapter-rank", type=int, default=16)
     parser.add_argument("--families", type=int, default=8, help="task families planted in the collection")
@@ -32,8 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="full", choices=("full", "diag"))
     parser.add_argument("--serve-rank", type=int, default=16, help="rank of the bank served in the throughput runs")
     parser.add_argument("--serve-clusters", type=int, default=8)
-    parser.add_argument("--mesh", default="1x1")
-    parser.add_argument("--strategy", default="bdlora", choices=("replicated", "slora", "bdlora"))
     parser.add_argument("--max-loras", type=int, default=8, help="device slots of the uncompressed pool")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--requests", type=int, default=128, help="requests per throughput run")
@@ -41,10 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per arm (median reported)")
     parser.add_argument("--skip-serving", action="store_true", help="only the error table")
-    parser.add_argument("--json", action="store_true")
 
 
 def _mean_error(bank) -> float:
+    """The bank's relative reconstruction error, averaged over modules and adapters."""
     return float(np.mean([m.errors.mean() for m in bank.modules.values()]))
 
 
@@ -53,9 +58,9 @@ def error_table(adapters, config, ranks, clusters, method: str, keep: tuple[int,
     bank fitted at `keep` = (rank, clusters) if the table has it (None otherwise)."""
     import jax.numpy as jnp
 
-    from .compress.compressor import compress_adapters
-    from .compress.joint import truncated_svd_errors
-    from .compress.problems import build_problem, target_modules
+    from ..compress.compressor import compress_adapters
+    from ..compress.joint import truncated_svd_errors
+    from ..compress.problems import build_problem, target_modules
 
     problems = [build_problem(adapters, layer, module, 1, 0, config) for layer, module in target_modules(adapters)]
     rows, kept = [], None
@@ -73,6 +78,7 @@ def error_table(adapters, config, ranks, clusters, method: str, keep: tuple[int,
 
 
 def _throughput(engine, prompts, names, new_tokens: int, repeats: int) -> float:
+    """Median generated tokens/s of the prompts with their adapters, after one warm-up run."""
     engine.generate(prompts, adapters=names, max_tokens=new_tokens)
     times = []
     for _ in range(repeats):
@@ -84,7 +90,7 @@ def _throughput(engine, prompts, names, new_tokens: int, repeats: int) -> float:
 
 def serving_table(adapters, config, args, bank_dir: Path) -> dict:
     """tokens/s for base only, one adapter, every adapter uncompressed and every adapter compressed."""
-    from .engine.engine import Engine
+    from ..engine.engine import Engine
 
     common = {"mesh": args.mesh, "strategy": args.strategy, "max_batch": args.max_batch,
               "max_seq_len": args.prompt_len + args.new_tokens, "lora_impl": "xla"}
@@ -112,11 +118,11 @@ def serving_table(adapters, config, args, bank_dir: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .checkpoint import resolve_model_config
-    from .compress.compressor import compress_adapters
-    from .compress.synthetic import clustered_adapters
+    """The error table over ranks and clusters and, unless --skip-serving, the throughput of every arm."""
+    from ..compress.compressor import compress_adapters
+    from ..compress.synthetic import clustered_adapters
 
-    config = resolve_model_config(args.model)
+    config = model_config(args.model)
     adapters = clustered_adapters(config, args.adapters, args.adapter_rank, args.families, args.noise)
     ranks = [int(r) for r in args.ranks.split(",") if r]
     clusters = [int(c) for c in args.clusters.split(",") if c]
@@ -133,6 +139,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_report(report: dict) -> None:
+    """The error table, then the throughput of every arm with its ratio to one adapter."""
     s = report["setup"]
     print(f"compression of {s['adapters']} synthetic rank-{s['adapter_rank']} adapters ({s['families']} families, "
           f"noise {s['noise']}) of model {s['model']}, method {s['method']}")

@@ -1,90 +1,35 @@
-"""The `kernel` and `lower` benchmarks: LoRA kernels timed against XLA alternatives, and a decode step's Triton calls.
+"""One Llama layer's per-device LoRA work timed for several implementations (used by `bench kernel`).
 
-kernel: the per-device adapter work of one Llama layer (shrink and expand of the 7 adapted modules, with the
-factor shapes one device holds at the given model-axis size and strategy) timed side by side for the Pallas
-kernels, XLA's per-token gather (the "xla" lora_impl), a one-hot einsum over the bank (sglang-jax, vLLM-TPU) and
-lax.ragged_dot on tokens sorted by adapter. Achieved bandwidth = the bytes that must move (the tokens'
-activations, each distinct adapter's factors once, the float32 outputs) / time, against the device's peak.
-It needs a GPU; without one it says so.
-
-lower: one decode step of the model with lora_impl="pallas", lowered for CUDA from abstract shapes on any host
-(lowering needs no GPU), and the Triton kernels it calls.
+The shrink and expand of the 7 adapted modules, with the factor shapes one device holds at the given model-axis
+size and strategy, are timed side by side for the Pallas kernels, XLA's per-token gather (the "xla" lora_impl),
+a one-hot einsum over the bank (sglang-jax, vLLM-TPU) and lax.ragged_dot on tokens sorted by adapter. Achieved
+bandwidth = the bytes that must move (the tokens' activations, each distinct adapter's factors once, the float32
+outputs) / time, against the device's peak. It needs a GPU; without one the report says so.
 """
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from .comm import DecodeShape
-from .config import LORA_MODULES, ModelConfig
-from .kernels import bgmv_expand, bgmv_shrink, group_by_slot, reference, sgmv_expand, sgmv_shrink
-from .lora.bank import BankLayout, abstract_bank
-from .mesh import DATA, MODEL
-from .model.llama import AdapterBatch, abstract_cache, abstract_model, forward, param_shardings
-from .sharding import ShardingPlan, make_plan
+from ..config import LORA_MODULES, ModelConfig
+from ..kernels import bgmv_expand, bgmv_shrink, group_by_slot, reference, sgmv_expand, sgmv_shrink
+from ..lora.bank import BankLayout
+from ..mesh import DATA, MODEL
+from ..sharding import make_plan
 
 METHODS = ("pallas", "xla_gather", "onehot_einsum", "ragged_dot")
 MODES = ("decode", "prefill")
 # Peak HBM bandwidth in GB/s by substring of jax's device_kind (vendor data sheets); first match wins.
 PEAK_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
              ("A100 80GB PCIe", 1935.0), ("A100", 1555.0), ("L40S", 864.0), ("L4", 300.0), ("A10G", 600.0))
-_TRITON_CALL = re.compile(r"@__gpu\$xla\.gpu\.triton\(.*?grid_x = (\d+).*?grid_y = (\d+).*?grid_z = (\d+).*?"
-                          r'name = "([^"]+)"')
-
-
-# ------------------------------------------------------------------------------------------------------- lower
-
-
-def lower_decode_step(config: ModelConfig, plan: ShardingPlan, shape: DecodeShape, lora_impl: str = "pallas",
-                      platform: str = "cuda") -> str:
-    """StableHLO text of one decode step with adapters, lowered for `platform` from abstract shapes (no allocation)."""
-    dtype = jnp.dtype(shape.dtype)
-    graphdef, abstract_state = abstract_model(config, plan, dtype, lora_impl)
-    state = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
-        abstract_state, param_shardings(abstract_state, plan), is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    row = plan.sharding(("batch",))
-    tokens = jax.ShapeDtypeStruct((shape.batch, 1), jnp.int32, sharding=plan.sharding(("batch", "seq")))
-    start = jax.ShapeDtypeStruct((shape.batch,), jnp.int32, sharding=row)
-    cache = abstract_cache(config, plan, shape.batch, shape.max_seq_len, dtype)
-    layout = BankLayout.for_plan(config, plan, shape.max_loras, shape.rank, shape.dtype)
-    adapters = AdapterBatch(abstract_bank(layout, plan), jax.ShapeDtypeStruct((shape.batch,), jnp.int32, sharding=row))
-    step = jax.jit(partial(forward, graphdef), donate_argnums=(3,))
-    return step.trace(state, tokens, start, cache, adapters).lower(lowering_platforms=(platform,)).as_text()
-
-
-def triton_kernels(hlo_text: str) -> dict[str, dict]:
-    """{kernel name: {"count", "grids"}} of the Triton custom calls in lowered StableHLO text."""
-    found: dict[str, Counter] = {}
-    for line in hlo_text.splitlines():
-        match = _TRITON_CALL.search(line)
-        if match:
-            grid = "x".join(match.group(i) for i in (1, 2, 3))
-            found.setdefault(match.group(4), Counter())[grid] += 1
-    return {name: {"count": sum(grids.values()), "grids": dict(grids)} for name, grids in sorted(found.items())}
-
-
-def lower_report(config: ModelConfig, plan: ShardingPlan, shape: DecodeShape, platform: str) -> dict:
-    """The Triton kernels of one pallas decode step lowered for `platform`, in total and per layer."""
-    kernels = triton_kernels(lower_decode_step(config, plan, shape, "pallas", platform))
-    total = sum(k["count"] for k in kernels.values())
-    return {"platform": platform, "triton_calls": total, "per_layer": total / config.num_layers, "kernels": kernels}
-
-
-# ------------------------------------------------------------------------------------------------------ kernel
 
 
 @dataclass(frozen=True)
@@ -225,35 +170,3 @@ def kernel_report(config: ModelConfig, strategy: str, model_size: int, ranks: li
                                  "us": seconds * 1e6, "gbps": gbps, "peak_fraction": gbps / peak if peak else None,
                                  "speedup_vs_xla_gather": results["xla_gather"] / seconds})
     return {"gpu": True, "device": device.device_kind, "peak_gbps": peak, "rows": rows}
-
-
-def format_kernel_report(report: dict) -> str:
-    """A table per mode and rank: microseconds, GB/s, fraction of peak and speedup over the XLA gather per method."""
-    if not report["gpu"]:
-        return report["message"]
-    setup = report["setup"]
-    peak = report["peak_gbps"]
-    lines = [f"one layer's per-device LoRA of {setup['model']} at model-axis {setup['model_size']}, strategy "
-             f"{setup['strategy']}, {setup['dtype']}, on {report['device']} (peak "
-             f"{'unknown' if peak is None else f'{peak:.0f} GB/s'})",
-             f"{'mode':<9}{'rank':>5}{'adapters':>9}{'tokens':>7}  {'method':<14}{'us':>10}{'GB/s':>9}{'of peak':>9}"
-             f"{'vs xla':>8}"]
-    for row in report["rows"]:
-        fraction = "-" if row["peak_fraction"] is None else f"{row['peak_fraction']:.1%}"
-        lines.append(f"{row['mode']:<9}{row['rank']:>5}{row['adapters']:>9}{row['tokens']:>7}  {row['method']:<14}"
-                     f"{row['us']:>10.1f}{row['gbps']:>9.1f}{fraction:>9}{row['speedup_vs_xla_gather']:>7.2f}x")
-    return "\n".join(lines)
-
-
-def format_lower_report(report: dict) -> str:
-    """The Triton kernels of the lowered decode step: name, calls and launch grids."""
-    setup = report["setup"]
-    lines = [f"decode step of {setup['model']} ({setup['layers']} layers), mesh {setup['mesh']}, strategy "
-             f"{setup['strategy']}, rank {setup['rank']}, batch {setup['batch']}, {setup['dtype']}, lora_impl=pallas, "
-             f"lowered for {report['platform']}: {report['triton_calls']} Triton calls "
-             f"({report['per_layer']:g} per layer)",
-             f"{'kernel':<20}{'calls':>7}  grids (x*y*z: calls)"]
-    for name, info in report["kernels"].items():
-        grids = ", ".join(f"{grid}: {n}" for grid, n in info["grids"].items())
-        lines.append(f"{name:<20}{info['count']:>7}  {grids}")
-    return "\n".join(lines)

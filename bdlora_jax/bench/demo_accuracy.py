@@ -5,20 +5,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import shared_options
+
 HELD_OUT_SEED = 1  # scripts/make_demo.py trains on seed 0
+NAME = "demo-accuracy"
+HELP = "exact match of the demo task adapters"
+OPTIONS = shared_options(model="demo", model_help="'demo' or a HF model directory", mesh="1x1", strategy=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="demo", help="'demo' or a HF model directory")
-    parser.add_argument("--adapters-dir", type=Path, default=None, help="directory of task adapters (default: the demo's)")
-    parser.add_argument("--mesh", default="1x1")
-    parser.add_argument("--strategy", default="bdlora", choices=("replicated", "slora", "bdlora"))
+    """Where the adapters come from (a directory or a compressed bank), held-out inputs and engine limits."""
+    parser.add_argument("--adapters-dir", type=Path, default=None,
+                        help="directory of task adapters (default: the demo's)")
     parser.add_argument("--n", type=int, default=100, help="held-out inputs per adapter")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-lora-rank", type=int, default=16)
     parser.add_argument("--compressed-bank", type=Path, default=None,
                         help="serve the task adapters from this compressed bank (bdlora_jax.compress) instead")
-    parser.add_argument("--json", action="store_true")
 
 
 def demo_accuracy(model: str = "demo", adapters_dir: Path | None = None, mesh: str = "1x1", strategy: str = "bdlora",
@@ -28,9 +31,9 @@ def demo_accuracy(model: str = "demo", adapters_dir: Path | None = None, mesh: s
 
     With compressed_bank the task adapters are the bank's (named like the tasks) and nothing is registered.
     """
-    from .demo import DEMO_DIR
-    from .demo.tasks import ADAPTER_TASKS, examples
-    from .engine.engine import Engine
+    from ..demo import DEMO_DIR
+    from ..demo.tasks import ADAPTER_TASKS, examples
+    from ..engine.engine import Engine
 
     adapters_dir = Path(adapters_dir) if adapters_dir is not None else DEMO_DIR / "adapters"
     engine = Engine.from_pretrained(model, mesh=mesh, strategy=strategy, max_loras=len(ADAPTER_TASKS),
@@ -65,13 +68,15 @@ def demo_accuracy(model: str = "demo", adapters_dir: Path | None = None, mesh: s
 
 
 def run(args: argparse.Namespace) -> dict:
+    """demo_accuracy with the command-line arguments."""
     return demo_accuracy(args.model, args.adapters_dir, args.mesh, args.strategy, args.n, args.max_batch,
                          args.max_lora_rank, args.compressed_bank)
 
 
 def print_report(report: dict) -> None:
+    """One line per adapter: its exact-match accuracy."""
     s = report["setup"]
-    print(f"demo exact-match accuracy, {s['model']} on mesh {s['mesh']}, strategy {s['strategy']}, n={s['n']} per adapter"
-          f", adapters from {s['adapters']}{' (compressed bank)' if s['compressed'] else ''}")
+    print(f"demo exact-match accuracy, {s['model']} on mesh {s['mesh']}, strategy {s['strategy']}, n={s['n']} "
+          f"per adapter, adapters from {s['adapters']}{' (compressed bank)' if s['compressed'] else ''}")
     for name, accuracy in report["accuracy"].items():
         print(f"{name:<10}{accuracy:>8.1%}")

@@ -16,41 +16,45 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import SMALL_32K, model_config, shared_options
+
+NAME = "serve"
+HELP = "offline throughput with 0, 1 and N distinct adapters"
+OPTIONS = shared_options(model=SMALL_32K, model_help="HF model directory, configs/models/*.yaml (random weights), or demo",
+                         mesh="1x1", strategy=True, dtype="float32")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="demo", help="HF model directory, configs/models/*.yaml (random weights), or demo")
-    parser.add_argument("--mesh", default="1x1")
-    parser.add_argument("--strategy", default="bdlora", choices=("replicated", "slora", "bdlora"))
+    """Batch, prompt and generation lengths, adapter rank, the adapter counts to compare and the timed runs."""
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapters", default="8,32", help="comma-separated numbers of distinct adapters")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--json", action="store_true")
 
 
 def _engine(args: argparse.Namespace, max_loras: int, compressed_bank: Path | None = None):
-    """The engine of a bench run: a model directory or "demo", or a configs/models/*.yaml with random weights."""
+    """The engine of a bench run: "demo" or a model directory with its weights, or a model config (a *.yaml file
+    or the name of a shipped one) with random weights."""
     import jax.numpy as jnp
 
-    from .config import EngineConfig, load_model_config_yaml
-    from .engine.engine import Engine
-    from .mesh import make_mesh
-    from .model.llama import init_model
-    from .sharding import make_plan
+    from ..config import EngineConfig
+    from ..engine.engine import Engine
+    from ..mesh import make_mesh
+    from ..model.llama import init_model
+    from ..sharding import make_plan
 
     max_seq_len = args.prompt_len + args.new_tokens
-    if args.model.endswith((".yaml", ".yml")):
-        config = load_model_config_yaml(Path(args.model))
+    if args.model != "demo" and not Path(args.model).is_dir():
+        config = model_config(args.model)
         plan = make_plan(make_mesh(args.mesh), args.strategy, config, args.rank)
         engine_config = EngineConfig(mesh=args.mesh, strategy=args.strategy, max_loras=max_loras,
                                      max_lora_rank=args.rank, max_batch=args.batch, max_seq_len=max_seq_len,
                                      dtype=args.dtype, lora_impl="xla")
         compressed = None
         if compressed_bank is not None:
-            from .lora.compressed import CompressedServing
+            from ..lora.compressed import CompressedServing
 
             compressed = CompressedServing.from_directory(compressed_bank, config, plan, args.dtype)
         return Engine(config, init_model(config, plan, jnp.dtype(args.dtype)), engine_config, None, plan, compressed)
@@ -61,7 +65,7 @@ def _engine(args: argparse.Namespace, max_loras: int, compressed_bank: Path | No
 
 def run(args: argparse.Namespace) -> dict:
     """Measure tokens/s for each configuration and the ratio of each to base only."""
-    from .lora.synthetic import random_adapter
+    from ..lora.synthetic import random_adapter
 
     counts = [int(n) for n in args.adapters.split(",") if n]
     engine = _engine(args, max(counts + [1]))
@@ -108,6 +112,7 @@ def throughput(engine, configurations: dict[str, list], prompt_len: int, new_tok
 
 
 def print_report(report: dict) -> None:
+    """One line per configuration: tokens/s and the ratio to base only."""
     s = report["setup"]
     print(f"offline generation, {s['model']} on mesh {s['mesh']} ({s['platform']}), strategy {s['strategy']}, "
           f"batch {s['batch']}, prompt {s['prompt_len']}, new tokens {s['new_tokens']}, rank {s['rank']}")

@@ -5,7 +5,7 @@ Each grid point runs each configured kind of measurement:
   strategy, rank and number of distinct adapters in the batch. Its collectives are counted in the compiled
   HLO (comm.communication_report), and it is timed on the mesh (median of `iters` calls after `warmup`),
   interleaved with the same step without adapters, so `ratio_to_base` is measured side by side.
-- `serve`: offline generation throughput through the Engine (bench_serve), with its base-only ratio.
+- `serve`: offline generation throughput through the Engine (bench serve), with its base-only ratio.
 The `compressed` axis (default false) takes the adapters from a random compressed bank instead of the pool
 (one cluster, rank `rank`; under bdlora the block-diagonal variant with one block per device).
 Every finished point is appended to <out>/<name>/results.jsonl at once; a re-run skips the points already
@@ -28,10 +28,15 @@ from typing import Any
 
 import yaml
 
-from . import bench_serve
-from .config import DTYPES, STRATEGIES, ModelConfig
-from .mesh import parse_mesh
+from ..config import DTYPES, STRATEGIES, ModelConfig
+from ..configs import SUFFIXES, ConfigNotFound, find_config, shipped_names
+from ..mesh import parse_mesh
+from . import serve as serve_bench
+from .common import shared_options
 
+NAME = "ablate"
+HELP = "sweep a grid of strategies, meshes, ranks, adapters"
+OPTIONS = shared_options()
 KINDS = ("decode", "serve")
 COLLECTIVE_KINDS = ("all-gather", "all-reduce")
 
@@ -113,9 +118,21 @@ class AblationConfig:
         return max(self.grid["mesh"], key=lambda m: parse_mesh(m)[0] * parse_mesh(m)[1])
 
 
+def _is_model_config(model: Any) -> bool:
+    """Whether `model` names a model config: a *.yaml file, or a shipped one by name or configs/models path."""
+    try:
+        return isinstance(model, str) and find_config(model, "models").suffix in SUFFIXES
+    except ConfigNotFound:
+        return False
+
+
 def load_config(path: str | Path) -> AblationConfig:
-    """Read and validate configs/ablations/*.yaml; every error names the file and the field."""
-    path = Path(path)
+    """Read and validate an ablation config (a file, or a shipped one by name or configs/ablations/NAME.yaml path);
+    every error names the file and the field."""
+    try:
+        path = find_config(path, "ablations")
+    except ConfigNotFound as err:
+        raise ConfigError(str(err)) from err
 
     def fail(field: str, problem: str) -> ConfigError:
         return ConfigError(f"{path}: {field}: {problem}")
@@ -135,8 +152,9 @@ def load_config(path: str | Path) -> AblationConfig:
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] == ".":
         raise fail("name", f"{name!r} is not a directory name (letters, digits, '-', '_', '.')")
     model = data.get("model")
-    if model != "demo" and not (isinstance(model, str) and model.endswith((".yaml", ".yml")) and Path(model).is_file()):
-        raise fail("model", f"{model!r} is neither 'demo' nor an existing configs/models/*.yaml file")
+    if model != "demo" and not _is_model_config(model):
+        raise fail("model", f"{model!r} is neither 'demo' nor a configs/models/*.yaml file or the name of a shipped "
+                            f"model config ({', '.join(shipped_names('models'))})")
     kinds = data.get("kinds")
     if not isinstance(kinds, list) or not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) < len(kinds):
         raise fail("kinds", f"{kinds!r} is not a non-empty list of distinct values from {KINDS}")
@@ -168,8 +186,8 @@ def load_config(path: str | Path) -> AblationConfig:
 
 def skip_reason(model_config: ModelConfig, point: dict[str, Any]) -> str | None:
     """Why a grid point cannot run (None if it can): shapes the mesh does not divide, or more adapters than rows."""
-    from .mesh import make_mesh
-    from .sharding import make_plan
+    from ..mesh import make_mesh
+    from ..sharding import make_plan
 
     data, model = parse_mesh(point["mesh"])
     if point["rank"] % model:
@@ -190,7 +208,7 @@ def skip_reason(model_config: ModelConfig, point: dict[str, Any]) -> str | None:
 
 
 def _serve_args(config: AblationConfig, point: dict[str, Any]) -> argparse.Namespace:
-    """The bench_serve arguments of one grid point."""
+    """The `bench serve` arguments of one grid point."""
     s = config.settings
     return argparse.Namespace(model=config.model, mesh=point["mesh"], strategy=point["strategy"], batch=point["batch"],
                               prompt_len=s["prompt_len"], new_tokens=s["new_tokens"], rank=point["rank"],
@@ -200,13 +218,13 @@ def _serve_args(config: AblationConfig, point: dict[str, Any]) -> argparse.Names
 def _compressed_engine(config: AblationConfig, point: dict[str, Any], directory: Path):
     """An engine serving `adapters` random compressed adapters (rank `rank`, one cluster; under bdlora the
     block-diagonal variant with one block per device), and no pool adapters."""
-    from .checkpoint import resolve_model_config
-    from .compress.synthetic import random_compressed_bank
+    from ..checkpoint import resolve_model_config
+    from ..compress.synthetic import random_compressed_bank
 
     model_config = resolve_model_config(config.model)
     blocks = parse_mesh(point["mesh"])[1] if point["strategy"] == "bdlora" else 1
     random_compressed_bank(model_config, point["adapters"], point["rank"], blocks=blocks, prefix="c").save(directory)
-    return bench_serve._engine(_serve_args(config, point), max_loras=1, compressed_bank=directory)
+    return serve_bench._engine(_serve_args(config, point), max_loras=1, compressed_bank=directory)
 
 
 def _decode_point(config: AblationConfig, point: dict[str, Any]) -> dict:
@@ -224,10 +242,10 @@ def _decode_point(config: AblationConfig, point: dict[str, Any]) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from .comm import count_collectives
-    from .engine.generator import adapter_batch
-    from .lora.synthetic import random_adapter
-    from .model.llama import forward, init_cache
+    from ..comm import count_collectives
+    from ..engine.generator import adapter_batch
+    from ..lora.synthetic import random_adapter
+    from ..model.llama import forward, init_cache
 
     s, batch, n = config.settings, point["batch"], point["adapters"]
     names = [f"{'c' if point['compressed'] else 'a'}-{i % n}" for i in range(batch)]
@@ -235,7 +253,7 @@ def _decode_point(config: AblationConfig, point: dict[str, Any]) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             engine = _compressed_engine(config, point, Path(tmp) / "bank")
     else:
-        engine = bench_serve._engine(_serve_args(config, point), max_loras=n)
+        engine = serve_bench._engine(_serve_args(config, point), max_loras=n)
         for i in range(n):
             engine.add_adapter(f"a-{i}", random_adapter(engine.model_config, f"a-{i}", rank=point["rank"],
                                                         nblocks=engine.plan.model_size, seed=i))
@@ -283,7 +301,7 @@ def _decode_point(config: AblationConfig, point: dict[str, Any]) -> dict:
 
 
 def _serve_point(config: AblationConfig, point: dict[str, Any]) -> dict:
-    """End-to-end offline generation throughput with `adapters` distinct adapters (bench_serve), from the pool
+    """End-to-end offline generation throughput with `adapters` distinct adapters (bench serve), from the pool
     or, with `compressed`, from a compressed bank."""
     label = f"{point['adapters']} adapters"
     if point["compressed"]:
@@ -293,10 +311,10 @@ def _serve_point(config: AblationConfig, point: dict[str, Any]) -> dict:
             engine = _compressed_engine(config, point, Path(tmp) / "bank")
         s, n, batch = config.settings, point["adapters"], point["batch"]
         configurations = {"base only": [None] * batch, label: [f"c-{i % n}" for i in range(batch)]}
-        results = bench_serve.throughput(engine, configurations, s["prompt_len"], s["new_tokens"], s["repeats"])
+        results = serve_bench.throughput(engine, configurations, s["prompt_len"], s["new_tokens"], s["repeats"])
         platform = engine.plan.mesh.devices.flat[0].platform
     else:
-        report = bench_serve.run(_serve_args(config, point))
+        report = serve_bench.run(_serve_args(config, point))
         results, platform = report["results"], report["setup"]["platform"]
     entry, base = results[label], results["base only"]
     return {"tokens_per_s": entry["tokens_per_s"], "base_tokens_per_s": base["tokens_per_s"],
@@ -464,14 +482,14 @@ def plot_results(lines: list[dict], out_dir: Path) -> list[Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `ablate` subcommand's options: the config file, the results root and --json."""
-    parser.add_argument("--config", required=True, action=_ConfigAction, help="configs/ablations/*.yaml")
+    """The `ablate` subcommand's options: the config file and the results root."""
+    parser.add_argument("--config", required=True, action=_ConfigAction,
+                        help="configs/ablations/*.yaml, or the name of a shipped one")
     parser.add_argument("--out", type=Path, default=Path("results"), help="results root; writes <out>/<name>/")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 class _ConfigAction(argparse.Action):
-    """Load the config while parsing, so bench.main can emulate enough CPU devices for its largest mesh."""
+    """Load the config while parsing, so the bench's main can emulate enough CPU devices for its largest mesh."""
 
     def __call__(self, parser, namespace, value, option_string=None):
         try:
@@ -486,7 +504,7 @@ def run(args: argparse.Namespace) -> dict:
     """Run every grid point not yet in results.jsonl, then write results.md and the plots from all lines."""
     from tqdm import tqdm
 
-    from .checkpoint import resolve_model_config
+    from ..checkpoint import resolve_model_config
 
     config: AblationConfig = args.config
     out_dir = args.out / config.name

@@ -1,0 +1,59 @@
+"""The bench command line: every registered subcommand module has the subcommand interface, and each
+subcommand's flags and defaults are the documented ones."""
+
+import pytest
+
+from bdlora_jax.bench.cli import SUBCOMMANDS, build_parser
+from bdlora_jax.config import STRATEGIES
+
+LLAMA_8B = "configs/models/llama-3.1-8b.yaml"
+SMALL_32K = "configs/models/small-32k.yaml"
+DEFAULTS = {
+    "comm": {"model": LLAMA_8B, "mesh": "1x8", "strategy": "bdlora", "dtype": "bfloat16", "json": False, "rank": 16,
+             "batch": 16, "seq_len": 2048, "max_loras": 8},
+    "serve": {"model": SMALL_32K, "mesh": "1x1", "strategy": "bdlora", "dtype": "float32", "json": False, "batch": 32,
+              "prompt_len": 32, "new_tokens": 64, "rank": 16, "adapters": "8,32", "repeats": 3},
+    "step": {"model": SMALL_32K, "mesh": "1x1", "strategy": "bdlora", "dtype": "float32", "json": False, "batch": 32,
+             "rank": 16, "adapters": "1,8,32", "context": 128, "repeats": 30, "lora_impl": "auto"},
+    "demo-accuracy": {"model": "demo", "mesh": "1x1", "strategy": "bdlora", "json": False, "adapters_dir": None,
+                      "n": 100, "max_batch": 32, "max_lora_rank": 16, "compressed_bank": None},
+    "kernel": {"model": LLAMA_8B, "strategy": "bdlora", "dtype": "bfloat16", "json": False, "model_size": 8,
+               "ranks": [8, 16, 32, 64, 128], "adapters": [1, 4, 16, 64, 256], "decode_tokens": 256,
+               "prefill_tokens": 2048, "iters": 20},
+    "lower": {"model": LLAMA_8B, "mesh": "1x8", "strategy": "bdlora", "dtype": "bfloat16", "json": False, "rank": 16,
+              "batch": 16, "seq_len": 2048, "max_loras": 8, "platform": "cuda"},
+    "compress": {"model": "demo", "mesh": "1x1", "strategy": "bdlora", "json": False, "adapters": 1000,
+                 "adapter_rank": 16, "families": 8, "noise": 0.1, "ranks": "8,16,32", "clusters": "1,8",
+                 "method": "full", "serve_rank": 16, "serve_clusters": 8, "max_loras": 8, "max_batch": 32,
+                 "requests": 128, "prompt_len": 16, "new_tokens": 16, "repeats": 2, "skip_serving": False},
+    "cost": {"model": LLAMA_8B, "mesh": "1x8", "dtype": "bfloat16", "json": False, "device": None, "ranks": [16, 64],
+             "multipliers": [2, 4], "batch": 16, "seq_len": 2048, "max_loras": 8, "adapters": 1},
+}
+
+
+def test_every_subcommand_module_has_the_interface():
+    names = [module.NAME for module in SUBCOMMANDS]
+    assert names == ["comm", "serve", "step", "demo-accuracy", "kernel", "lower", "ablate", "compress", "cost"]
+    for module in SUBCOMMANDS:
+        assert isinstance(module.HELP, str) and module.__doc__
+        assert all(callable(getattr(module, f)) for f in ("add_arguments", "run", "print_report"))
+
+
+@pytest.mark.parametrize("command", list(DEFAULTS))
+def test_flags_and_defaults_of_each_subcommand(command):
+    args = vars(build_parser().parse_args([command]))
+    assert args == {"command": command, **DEFAULTS[command]}
+
+
+def test_ablate_takes_a_config_and_an_output_root():
+    args = build_parser().parse_args(["ablate", "--config", "smoke"])
+    assert (args.config.name, str(args.out), args.json, args.mesh) == ("smoke", "results", False, "1x2")
+
+
+@pytest.mark.parametrize("command", ["comm", "serve", "step", "demo-accuracy", "kernel", "lower", "compress"])
+def test_strategy_choices_are_the_strategies(command, capsys):
+    for strategy in STRATEGIES:
+        assert build_parser().parse_args([command, "--strategy", strategy]).strategy == strategy
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--strategy", "lora"])
+    assert "invalid choice: 'lora'" in capsys.readouterr().err
