@@ -19,9 +19,9 @@ import numpy as np
 
 from ..config import COLUMN_MODULES, ModelConfig
 from ..lora.adapter import LoraAdapter
+from ..lora.compressed_store import METHODS, CompressedBank, CompressedModule, block_dims
 from .joint import jd_diag, jd_full, relative_errors, sigma_diag, sigma_full
 from .problems import Problem, build_problem, target_modules
-from .store import METHODS, CompressedBank, CompressedModule, block_dims
 
 SKETCH = 4  # random directions per subspace in the clustering features
 

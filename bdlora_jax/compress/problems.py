@@ -62,7 +62,7 @@ def target_modules(adapters: Sequence[LoraAdapter]) -> list[tuple[int, str]]:
 def build_problem(adapters: Sequence[LoraAdapter], layer: int, module: str, blocks: int, j: int,
                   config: ModelConfig) -> Problem:
     """Stack block j of (layer, module) over the adapters; an adapter without the module contributes zeros."""
-    from .store import block_dims
+    from ..lora.compressed_store import block_dims
 
     d_in_b, d_out_b = block_dims(config, module, blocks)
     parts = []

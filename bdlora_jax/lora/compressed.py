@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..compress.store import CompressedBank, CompressedBankError
+from .compressed_store import CompressedBank, CompressedBankError, load_compressed_bank
 from ..config import COLUMN_MODULES, ModelConfig
 from ..sharding import ShardingPlan
 from .bank import BankLayout, bank_key, factor_axes
@@ -161,8 +161,6 @@ class CompressedServing:
     @classmethod
     def from_directory(cls, path: str | Path, config: ModelConfig, plan: ShardingPlan, dtype: str) -> CompressedServing:
         """Load a compressed-bank directory (validated against the model) and place it on the plan."""
-        from ..compress.store import load_compressed_bank
-
         return cls(load_compressed_bank(path, config), config, plan, str(path), dtype)
 
     def __contains__(self, name: object) -> bool:
