@@ -18,7 +18,7 @@ from bdlora_jax.checkpoint import load_model_config
 from bdlora_jax.compress.__main__ import main as compress_main
 from bdlora_jax.compress.compressor import compress_adapters, kmeans, project_adapter
 from bdlora_jax.compress.joint import jd_diag, jd_full, truncated_svd_errors
-from bdlora_jax.compress.store import CompressedBankError, load_compressed_bank
+from bdlora_jax.lora.compressed_store import CompressedBankError, load_compressed_bank
 from bdlora_jax.compress.synthetic import random_compressed_bank
 from bdlora_jax.config import ModelConfig
 from bdlora_jax.lora.adapter import LoraAdapter, ModuleFactors

@@ -24,7 +24,7 @@ from helpers import MESHES, STRATEGIES
 from bdlora_jax import Engine
 from bdlora_jax.checkpoint import load_model_config
 from bdlora_jax.comm import DecodeShape, compile_decode_step, count_collectives
-from bdlora_jax.compress.store import MANIFEST_FILE, CompressedBankError
+from bdlora_jax.lora.compressed_store import MANIFEST_FILE, CompressedBankError
 from bdlora_jax.compress.synthetic import random_compressed_bank
 from bdlora_jax.config import ModelConfig, load_model_config_yaml
 from bdlora_jax.configs import CONFIGS_DIR

@@ -19,9 +19,9 @@ import numpy as np
 
 from ..config import COLUMN_MODULES, ModelConfig
 from ..lora.adapter import LoraAdapter
+from ..lora.compressed_store import METHODS, CompressedBank, CompressedModule, block_dims
 from .joint import jd_diag, jd_full, relative_errors, sigma_diag, sigma_full
-from .problems import Problem, build_problem, target_modules
-from .store import METHODS, CompressedBank, CompressedModule, block_dims
+from .problems import Problem, build_problems, target_modules
 
 SKETCH = 4  # random directions per subspace in the clustering features
 
@@ -181,8 +181,8 @@ def compress_adapters(adapters: Sequence[LoraAdapter], config: ModelConfig, rank
     """Compress adapters into shared bases (rank `rank` per module, split over `blocks`) in `clusters` clusters."""
     _check(adapters, config, rank, clusters, method, blocks)
     rank_b, n = rank // blocks, len(adapters)
-    problems = [build_problem(adapters, layer, module, blocks, j, config)
-                for layer, module in target_modules(adapters) for j in range(blocks)]
+    problems = [problem for layer, module in target_modules(adapters)
+                for problem in build_problems(adapters, layer, module, blocks, config)]
     fitter = _Fitter(problems, rank_b, method, tol, max_iter, progress)
     assign, rounds, settled = np.zeros(n, np.int64), 0, True
     if clusters > 1:
@@ -233,8 +233,8 @@ def project_adapter(bank: CompressedBank, adapter: LoraAdapter, config: ModelCon
     if missing:
         raise ValueError(f"adapter {adapter.name!r} adapts {sorted(missing)}, which the bank has no bases for")
     keys = sorted(bank.modules)
-    problems = [build_problem([adapter], layer, module, bank.blocks, j, config)
-                for layer, module in keys for j in range(bank.blocks)]
+    problems = [problem for layer, module in keys
+                for problem in build_problems([adapter], layer, module, bank.blocks, config)]
     bases = [(jnp.asarray(bank.modules[(p.layer, p.module)].u[:, p.block]),
               jnp.asarray(bank.modules[(p.layer, p.module)].v[:, p.block])) for p in problems]
     projected = [_project(jnp.asarray(p.a), jnp.asarray(p.b), u, v, method=bank.method)

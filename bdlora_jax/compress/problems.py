@@ -1,9 +1,10 @@
 """Adapters → one fitting problem per (layer, module, block): stacked, scaled, normalised factors.
 
 Block j of a module is its output slice j (column modules) or input slice j (row modules), as in
-store.block_dims. Any adapter can be split into blocks; for a BD-LoRA adapter only the rank slices whose
-adapter blocks overlap block j are kept, so a 16-rank, 8-block BD-LoRA contributes rank 2 per block when
-compressed with 8 blocks. Ranks are zero-padded to the largest in the collection (padding changes no D_i).
+lora.compressed_store.block_dims: device block j of a bdlora layout of `blocks` model blocks, split as
+lora.layout splits any adapter. For a BD-LoRA adapter only the rank slices whose adapter blocks overlap
+block j are kept, so a 16-rank, 8-block BD-LoRA contributes rank 2 per block when compressed with 8 blocks.
+Ranks are zero-padded to the largest in the collection (padding changes no D_i).
 Each D_ij = s·B·A is normalised to unit Frobenius norm for fitting; its norm is kept to restore it.
 """
 
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import COLUMN_MODULES, LORA_MODULES, ModelConfig
+from ..config import LORA_MODULES, ModelConfig
 from ..lora.adapter import LoraAdapter, ModuleFactors
+from ..lora.compressed_store import block_dims
+from ..lora.layout import AdapterLayout
 
 
 @dataclass(frozen=True)
@@ -30,27 +33,12 @@ class Problem:
     norms: np.ndarray
 
 
-def _overlapping_ranks(rank: int, adapter_blocks: int, blocks: int, j: int) -> np.ndarray:
-    """Rank indices of an adapter with `adapter_blocks` blocks whose blocks overlap compression block j."""
-    if adapter_blocks == 1:
-        return np.arange(rank)
-    step = rank // adapter_blocks
-    keep = [q for q in range(adapter_blocks) if q * blocks < (j + 1) * adapter_blocks and (q + 1) * blocks > j * adapter_blocks]
-    return np.concatenate([np.arange(q * step, (q + 1) * step) for q in keep])
-
-
-def block_factors(factors: ModuleFactors, scale: float, module: str, blocks: int, j: int,
-                  config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(A_j (r_j, d_in_b), s·B_j (d_out_b, r_j)) of block j of one adapter's module, PEFT orientation."""
-    a, b = factors.dense_a().T, scale * factors.dense_b().T
-    d_in, d_out = config.module_dims(module)
-    if module in COLUMN_MODULES:
-        ranks = _overlapping_ranks(factors.rank, factors.b_blocks, blocks, j)
-        rows = slice(j * d_out // blocks, (j + 1) * d_out // blocks)
-        return a[ranks], b[rows][:, ranks]
-    ranks = _overlapping_ranks(factors.rank, factors.a_blocks, blocks, j)
-    cols = slice(j * d_in // blocks, (j + 1) * d_in // blocks)
-    return a[ranks][:, cols], b[:, ranks]
+def block_factors(factors: ModuleFactors, scale: float, module: str, blocks: int,
+                  config: ModelConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(A_j (r_j, d_in_b), s·B_j (d_out_b, r_j)) of every block j of one adapter's module, PEFT orientation."""
+    layout = AdapterLayout(config, True, blocks, factors.rank * blocks)
+    parts = layout.split(module, factors.own_a(), scale * factors.own_b(), factors.a_blocks, factors.b_blocks)
+    return [(a_j.T, b_j.T) for a_j, b_j in parts]
 
 
 def target_modules(adapters: Sequence[LoraAdapter]) -> list[tuple[int, str]]:
@@ -59,22 +47,28 @@ def target_modules(adapters: Sequence[LoraAdapter]) -> list[tuple[int, str]]:
     return sorted(keys, key=lambda k: (k[0], LORA_MODULES.index(k[1])))
 
 
+def build_problems(adapters: Sequence[LoraAdapter], layer: int, module: str, blocks: int,
+                   config: ModelConfig) -> list[Problem]:
+    """Every block's problem of (layer, module), stacked over the adapters; one without the module gives zeros."""
+    d_in_b, d_out_b = block_dims(config, module, blocks)
+    empty = [(np.zeros((0, d_in_b), np.float32), np.zeros((d_out_b, 0), np.float32))] * blocks
+    per_adapter = [block_factors(adapter.modules[(layer, module)], adapter.scale, module, blocks, config)
+                   if (layer, module) in adapter.modules else empty for adapter in adapters]
+    return [_problem(layer, module, j, [parts[j] for parts in per_adapter], d_in_b, d_out_b) for j in range(blocks)]
+
+
 def build_problem(adapters: Sequence[LoraAdapter], layer: int, module: str, blocks: int, j: int,
                   config: ModelConfig) -> Problem:
-    """Stack block j of (layer, module) over the adapters; an adapter without the module contributes zeros."""
-    from .store import block_dims
+    """Block j's problem of (layer, module), stacked over the adapters."""
+    return build_problems(adapters, layer, module, blocks, config)[j]
 
-    d_in_b, d_out_b = block_dims(config, module, blocks)
-    parts = []
-    for adapter in adapters:
-        factors = adapter.modules.get((layer, module))
-        if factors is None:
-            parts.append((np.zeros((0, d_in_b), np.float32), np.zeros((d_out_b, 0), np.float32)))
-        else:
-            parts.append(block_factors(factors, adapter.scale, module, blocks, j, config))
+
+def _problem(layer: int, module: str, j: int, parts: list[tuple[np.ndarray, np.ndarray]], d_in_b: int,
+             d_out_b: int) -> Problem:
+    """Block j's per-adapter (A_j, s·B_j) zero-padded to one rank, each normalised to a unit-norm product."""
     rank = max(1, max(a.shape[0] for a, _ in parts))
-    a = np.zeros((len(adapters), rank, d_in_b), np.float32)
-    b = np.zeros((len(adapters), d_out_b, rank), np.float32)
+    a = np.zeros((len(parts), rank, d_in_b), np.float32)
+    b = np.zeros((len(parts), d_out_b, rank), np.float32)
     for i, (ai, bi) in enumerate(parts):
         a[i, :ai.shape[0]] = ai
         b[i, :, :bi.shape[1]] = bi

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..config import LORA_MODULES, ModelConfig
 from ..lora.adapter import LoraAdapter, ModuleFactors
-from .store import CompressedBank, CompressedModule, block_dims
+from ..lora.compressed_store import CompressedBank, CompressedModule, block_dims
 
 
 def random_compressed_bank(config: ModelConfig, num_adapters: int, rank: int, clusters: int = 1, blocks: int = 1,

@@ -38,6 +38,18 @@ class ModuleFactors:
     def rank(self) -> int:
         return self.a.shape[0]
 
+    def own_a(self) -> np.ndarray:
+        """A in model orientation: (d_in, r), or its blocks (a_blocks, d_in/a_blocks, r/a_blocks)."""
+        if self.a_blocks == 1:
+            return self.a.T
+        return self.a.reshape(self.a_blocks, self.rank // self.a_blocks, -1).transpose(0, 2, 1)
+
+    def own_b(self) -> np.ndarray:
+        """B in model orientation, unscaled: (r, d_out), or its blocks (b_blocks, r/b_blocks, d_out/b_blocks)."""
+        if self.b_blocks == 1:
+            return self.b.T
+        return self.b.reshape(self.b_blocks, self.b.shape[0] // self.b_blocks, -1).transpose(0, 2, 1)
+
     def dense_a(self) -> np.ndarray:
         """A as a dense (d_in, r) matrix for y = x·A·B."""
         if self.a_blocks == 1:

@@ -5,11 +5,11 @@ Per adapted module (model orientation y = x·W, so the delta is y += x · V · �
   with the cluster count in place of the slot axis and the layout rank R in place of max_lora_rank;
 - Σ is (adapters + 1, nbΣ, R/nbΣ, R/nbΣ), row 0 all zeros (rows that use no compressed adapter); under
   bdlora nbΣ = N (one block per device block of the module's block-diagonal factor), else nbΣ = 1.
-A bank of nb blocks becomes the strategy's layout as lora.bank's `_block_slot` does for an adapter: under
-replicated / slora one dense block of rank nb·r_b (padded to a multiple of N for slora's rank sharding);
+A bank of nb blocks is, per cluster, an adapter of rank nb·r_b whose column modules have V over all inputs and
+U in nb output blocks (row modules the reverse), and lora.layout places it like any adapter, Σ along with it:
+under replicated / slora one dense block of rank nb·r_b (padded to a multiple of N for slora's rank sharding);
 under bdlora each device block owns nb/N whole compression blocks (N | nb), or, for a dense bank (nb = 1),
-the whole V (column) or its input slice of V (row), the whole Σ and its output slice of U (column) or the
-whole U (row), i.e. rank r_b per device block.
+the whole rank r_b.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..compress.store import CompressedBank, CompressedBankError
 from ..config import COLUMN_MODULES, ModelConfig
 from ..sharding import ShardingPlan
-from .bank import BankLayout, bank_key, factor_axes
+from .bank import bank_key
+from .compressed_store import CompressedBank, CompressedBankError, CompressedModule, load_compressed_bank
+from .layout import AdapterLayout, factor_axes, served_rank
 
 CompressedArrays = dict[str, tuple[jax.Array, jax.Array, jax.Array]]
 
@@ -46,13 +47,13 @@ def compressed_axes(module: str, block_factors: bool) -> tuple[tuple, tuple, tup
 
 @dataclass(frozen=True)
 class CompressedLayout:
-    """Static shapes of a compressed bank on one plan: clusters, adapters, layout rank R and blocks N."""
+    """Static shapes of a compressed bank on one plan: clusters, adapters, layout rank R and model-axis size N."""
 
     config: ModelConfig
     clusters: int
     adapters: int
     rank: int
-    nblocks: int
+    model_blocks: int
     block_factors: bool
     modules: tuple[tuple[int, str], ...]
 
@@ -66,22 +67,20 @@ class CompressedLayout:
                     f"compressed bank {where}: blocks={nb} on mesh {'x'.join(map(str, plan.mesh.devices.shape))} "
                     f"(model axis {n}) under strategy 'bdlora': each device must own whole blocks, so the model "
                     f"axis must divide {nb} (or the bank must be dense, blocks=1); or use 'replicated' or 'slora'")
-            rank = nb * rb if nb % n == 0 else n * rb
-        else:
-            rank = nb * rb
-            if plan.strategy != "replicated":
-                rank = -(-rank // n) * n
+        rank = served_rank(nb * rb, nb, plan.block_factors, n)
+        if not plan.block_factors and plan.strategy != "replicated":
+            rank = -(-rank // n) * n
         return cls(config, bank.num_clusters, len(bank.names), rank, n, plan.block_factors, tuple(sorted(bank.modules)))
 
-    def bank_layout(self) -> BankLayout:
-        """The adapter-bank layout whose A / B shapes V / U take (slots = clusters, max_rank = R)."""
-        return BankLayout(self.config, self.clusters, self.rank, self.nblocks, self.block_factors)
+    def adapter_layout(self) -> AdapterLayout:
+        """The adapter layout V / U take (slots = clusters, max_rank = R) and Σ follows."""
+        return AdapterLayout(self.config, self.block_factors, self.model_blocks, self.rank)
 
     def shapes(self, module: str) -> tuple[tuple[tuple[int, ...], tuple], ...]:
         """((V shape, axes), (U shape, axes), (Σ shape, axes)) of one module."""
-        (v_shape, v_axes), (u_shape, u_axes) = self.bank_layout().factor_shapes(module)
-        nbs = self.nblocks if self.block_factors else 1
-        sigma = (self.adapters + 1, nbs, self.rank // nbs, self.rank // nbs)
+        layout = self.adapter_layout()
+        (v_shape, v_axes), (u_shape, u_axes) = layout.factor_shapes(module, self.clusters)
+        sigma = (self.adapters + 1, layout.blocks, layout.block_rank, layout.block_rank)
         return (v_shape, v_axes), (u_shape, u_axes), (sigma, sigma_axes(module, self.block_factors))
 
 
@@ -95,47 +94,23 @@ def abstract_compressed(layout: CompressedLayout, plan: ShardingPlan, dtype: str
     return out
 
 
+def _own_factors(m: CompressedModule, column: bool) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(A, B, a_blocks, b_blocks) of a module's bases as one adapter per cluster, rank nb·r_b (see the docstring)."""
+    clusters, nb, _, rb = m.v.shape
+    v_blocks, u_blocks = m.v, m.u.transpose(0, 1, 3, 2)
+    if column:
+        v = v_blocks.transpose(0, 2, 1, 3).reshape(clusters, -1, nb * rb)
+        return v, (u_blocks if nb > 1 else u_blocks[:, 0]), 1, nb
+    return (v_blocks if nb > 1 else v_blocks[:, 0]), u_blocks.reshape(clusters, nb * rb, -1), nb, 1
+
+
 def _module_arrays(bank: CompressedBank, key: tuple[int, str], layout: CompressedLayout):
-    """Host (V, U, Σ) of one module in the layout."""
-    module = key[1]
-    (v_shape, _), (u_shape, _), (s_shape, _) = layout.shapes(module)
-    v, u, sigma = (np.zeros(s, np.float32) for s in (v_shape, u_shape, s_shape))
-    m = bank.modules[key]
-    nb, rb, n, column = bank.blocks, bank.rank_per_block, layout.nblocks, module in COLUMN_MODULES
-    mu, mv, ms = m.u, m.v, m.sigma_matrices()
-    d_in, d_out = layout.config.module_dims(module)
-    if layout.block_factors and nb == 1 and n > 1:  # a dense bank: every device block serves the whole rank
-        for i in range(n):
-            if column:
-                v[:, :, i * rb:(i + 1) * rb] = mv[:, 0]
-                u[:, i] = mu[:, 0, i * d_out // n:(i + 1) * d_out // n].transpose(0, 2, 1)
-            else:
-                v[:, i] = mv[:, 0, i * d_in // n:(i + 1) * d_in // n]
-                u[:, i * rb:(i + 1) * rb] = mu[:, 0].transpose(0, 2, 1)
-            sigma[1:, i] = ms[:, 0]
-        return v, u, sigma
-    k = nb // n if layout.block_factors else nb  # compression blocks per device block
-    d_in_b, d_out_b = (d_in, d_out // nb) if column else (d_in // nb, d_out)
-    for j in range(nb):
-        dev, m_ = divmod(j, k)  # device block and position inside it
-        rank = slice(j * rb, (j + 1) * rb)
-        local = slice(m_ * rb, (m_ + 1) * rb)
-        ut = mu[:, j].transpose(0, 2, 1)
-        if column:
-            v[:, :, rank] = mv[:, j]
-            if layout.block_factors:
-                u[:, dev, local, m_ * d_out_b:(m_ + 1) * d_out_b] = ut
-            else:
-                u[:, rank, j * d_out_b:(j + 1) * d_out_b] = ut
-        else:
-            if layout.block_factors:
-                v[:, dev, m_ * d_in_b:(m_ + 1) * d_in_b, local] = mv[:, j]
-            else:
-                v[:, j * d_in_b:(j + 1) * d_in_b, rank] = mv[:, j]
-            u[:, rank] = ut
-        block, within = (dev, local) if layout.block_factors else (0, rank)
-        sigma[1:, block, within, within] = ms[:, j]
-    return v, u, sigma
+    """Host (V, U, Σ) of one module in the layout (Σ row 0 all zeros)."""
+    module, m, placement = key[1], bank.modules[key], layout.adapter_layout()
+    v, u = placement.place(module, *_own_factors(m, module in COLUMN_MODULES))
+    sigma = placement.place_core(m.sigma_matrices(), bank.blocks)
+    sigma = np.concatenate([np.zeros((1,) + sigma.shape[1:], sigma.dtype), sigma])
+    return v.astype(np.float32), u.astype(np.float32), sigma.astype(np.float32)
 
 
 def host_arrays(bank: CompressedBank, layout: CompressedLayout) -> dict[str, tuple[np.ndarray, ...]]:
@@ -161,8 +136,6 @@ class CompressedServing:
     @classmethod
     def from_directory(cls, path: str | Path, config: ModelConfig, plan: ShardingPlan, dtype: str) -> CompressedServing:
         """Load a compressed-bank directory (validated against the model) and place it on the plan."""
-        from ..compress.store import load_compressed_bank
-
         return cls(load_compressed_bank(path, config), config, plan, str(path), dtype)
 
     def __contains__(self, name: object) -> bool:

@@ -1,9 +1,10 @@
 """Trainable adapter factors in their own structure (dense LoRA, or BD-LoRA with nblocks), and the bank they serve as.
 
 K adapters train together, stacked on a leading axis. Per module: A (K, d_in, r) or block-diagonal
-(K, nb, d_in/nb, r/nb); B (K, r, d_out) or block-diagonal (K, nb, r/nb, d_out/nb). `to_bank` maps them,
-differentiably, into the strategy's bank layout (slot 0 = zeros, slot k+1 = adapter k, scale folded into B),
-so training runs the very forward pass that serving runs; `export` writes them as PEFT adapters.
+(K, nb, d_in/nb, r/nb); B (K, r, d_out) or block-diagonal (K, nb, r/nb, d_out/nb). `to_bank` places them,
+differentiably, as lora.layout places every adapter, into the strategy's bank layout (slot 0 = zeros, slot k+1 =
+adapter k, scale folded into B), so training runs the very forward pass that serving runs; `export` writes them
+as PEFT adapters.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from ..config import COLUMN_MODULES, ModelConfig
 from ..lora.adapter import LoraAdapter, ModuleFactors
 from ..lora.bank import BankLayout, bank_key
+from ..lora.layout import served_rank
 
 
 @dataclass(frozen=True)
@@ -74,60 +76,25 @@ def init_factors(spec: AdapterSpec, config: ModelConfig, count: int, seed: int) 
     return factors
 
 
-def _group_blocks(blocks: jax.Array, groups: int) -> jax.Array:
-    """(K, nb, p, q) block-diagonal pieces -> (K, groups, nb/groups·p, nb/groups·q): each group densified."""
-    k, nb, p, q = blocks.shape
-    per = nb // groups
-    grouped = blocks.reshape(k, groups, per, p, q)
-    dense = jnp.einsum("kgipq,ij->kgipjq", grouped, jnp.eye(per, dtype=blocks.dtype))
-    return dense.reshape(k, groups, per * p, per * q)
-
-
-def _dense_a(a: jax.Array) -> jax.Array:
-    return a if a.ndim == 3 else _group_blocks(a, 1)[:, 0]
-
-
-def _dense_b(b: jax.Array) -> jax.Array:
-    return b if b.ndim == 3 else _group_blocks(b, 1)[:, 0]
-
-
-def bank_rank(spec: AdapterSpec, layout_blocks: int, block_factors: bool) -> int:
+def bank_rank(spec: AdapterSpec, model_blocks: int, block_factors: bool) -> int:
     """max_lora_rank the bank needs: r, or r·N for a dense adapter served block-diagonally on N devices."""
-    return spec.rank * layout_blocks if block_factors and spec.nblocks == 1 else spec.rank
+    return served_rank(spec.rank, spec.nblocks, block_factors, model_blocks)
 
 
 def to_bank(factors: dict, spec: AdapterSpec, layout: BankLayout) -> dict[str, tuple[jax.Array, jax.Array]]:
     """The bank (slot 0 zeros, then the K adapters) these factors serve as under the layout's strategy."""
-    n = layout.nblocks
+    placement, dtype = layout.adapter_layout, jnp.dtype(layout.dtype)
     bank = {}
     for layer, module in layout.keys():
         key = bank_key(layer, module)
         (a_shape, _), (b_shape, _) = layout.factor_shapes(module)
         if key not in factors:
-            bank[key] = (jnp.zeros(a_shape, jnp.dtype(layout.dtype)), jnp.zeros(b_shape, jnp.dtype(layout.dtype)))
+            bank[key] = (jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype))
             continue
         a, b = factors[key]
-        k = a.shape[0]
-        if not layout.block_factors:
-            a_bank, b_bank = _dense_a(a), _dense_b(b)
-        elif module in COLUMN_MODULES:
-            if b.ndim == 4:  # block-diagonal B: whole blocks per device, rank slices already in device order
-                a_bank, b_bank = _dense_a(a), _group_blocks(b, n)
-            else:  # dense: every device holds all of A and its output slice of B (rank r·N)
-                d_out = b.shape[2]
-                a_bank = jnp.tile(a, (1, 1, n))
-                b_bank = b.reshape(k, spec.rank, n, d_out // n).transpose(0, 2, 1, 3)
-        else:
-            if a.ndim == 4:
-                a_bank, b_bank = _group_blocks(a, n), _dense_b(b)
-            else:
-                d_in = a.shape[1]
-                a_bank = a.reshape(k, n, d_in // n, spec.rank)
-                b_bank = jnp.tile(b, (1, n, 1))
-        dtype = jnp.dtype(layout.dtype)
-        zeros_a, zeros_b = jnp.zeros((1,) + a_bank.shape[1:], dtype), jnp.zeros((1,) + b_bank.shape[1:], dtype)
-        bank[key] = (jnp.concatenate([zeros_a, a_bank.astype(dtype)]),
-                     jnp.concatenate([zeros_b, (spec.scale * b_bank).astype(dtype)]))
+        a_bank, b_bank = placement.place(module, a, spec.scale * b, *spec.blocks(module))
+        bank[key] = (jnp.concatenate([jnp.zeros((1,) + a_bank.shape[1:], dtype), a_bank.astype(dtype)]),
+                     jnp.concatenate([jnp.zeros((1,) + b_bank.shape[1:], dtype), b_bank.astype(dtype)]))
     return bank
 
 

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..config import COLUMN_MODULES, LORA_MODULES, ModelConfig
-from ..lora.adapter import LoraAdapter, ModuleFactors
-from ..lora.bank import bank_key
+from .adapter import LoraAdapter, ModuleFactors
+from .bank import bank_key
 
 FORMAT = "bdlora-compressed-bank"
 VERSION = 1
