@@ -201,7 +201,7 @@ def dense_lora_shape(module, is_a, r):
 
 def check_bd_semantics(peft_model, nblocks, scaling):
     """PEFT's BD forward equals x @ (B_dense A_dense)^T * scaling, with the dense factor
-    = block_diag(*chunk(packed, nblocks, dim=0)), as DESIGN.md describes the packing."""
+    = block_diag(*chunk(packed, nblocks, dim=0)), as docs/design.md describes the packing."""
     layer = peft_model.base_model.model.model.layers[0]
     x = torch.randn(5, MODEL_CONFIG["hidden_size"])
     for module, packed in ((layer.self_attn.o_proj, "A"), (layer.self_attn.k_proj, "B")):

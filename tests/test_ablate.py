@@ -74,7 +74,7 @@ def test_decode_collectives_equal_the_communication_report(smoke):
     assert decode["slora"]["collectives"] == report["with_lora"]
     assert decode["slora"]["base_collectives"] == report["base"]
     assert decode["slora"]["extra_collectives"] == report["extra"]
-    # by hand (DESIGN.md section 1): slora adds 5 all-gathers and 2 all-reduces per layer, bdlora nothing, and
+    # by hand (docs/design.md): slora adds 5 all-gathers and 2 all-reduces per layer, bdlora nothing, and
     # the base step is the same model on the same mesh for both
     assert decode["slora"]["extra_per_layer"] == {"all-gather": 5, "all-reduce": 2}
     assert decode["bdlora"]["extra_per_layer"] == {"all-reduce": 0}

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API, in process: every bad input of item 5 gets a 4xx with an OpenAI error body
+"""The OpenAI-compatible HTTP API, in process: every bad input gets a 4xx with an OpenAI error body
 naming the field or value, and the server goes on serving; models, adapter load / use / unload, metrics, stop
 strings, streaming, API key and --lora-root.
 
