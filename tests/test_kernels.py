@@ -21,7 +21,7 @@ from bdlora_jax.config import load_model_config_yaml
 from bdlora_jax.configs import CONFIGS_DIR
 from bdlora_jax.kernels import (Config, bgmv_expand, bgmv_shrink, group_by_slot, heuristic_config, reference,
                                 sgmv_expand, sgmv_shrink)
-from bdlora_jax.kernels.lora_triton import _work_items
+from bdlora_jax.kernels import work_items
 
 EPS32 = float(np.finfo(np.float32).eps)
 SMALL_TILES = Config(block_m=16, block_n=16, block_k=16)  # several tiles and loop steps even at test sizes
@@ -112,12 +112,12 @@ def test_kernels_match_reference(case):
 def test_work_items_cover_every_sorted_position_once():
     block_m = 16
     tokens, num_slots = 300, 40
-    work_items = jax.jit(_work_items, static_argnums=(1, 2))
+    items = jax.jit(work_items, static_argnums=(1, 2))
     for seed in range(3):  # about half the groups empty, the others of random sizes
         rng = np.random.default_rng(seed)
         weights = rng.random(num_slots) * rng.integers(0, 2, num_slots)
         sizes = rng.multinomial(tokens, weights / weights.sum())
-        slot, start, end = (np.asarray(v) for v in work_items(jnp.asarray(sizes, jnp.int32), tokens, block_m))
+        slot, start, end = (np.asarray(v) for v in items(jnp.asarray(sizes, jnp.int32), tokens, block_m))
         covered = np.zeros(tokens, np.int32)
         group_of = np.repeat(np.arange(num_slots), sizes)
         for s, lo, hi in zip(slot, start, end):

@@ -50,7 +50,7 @@ class SamplingParams:
 
 
 CANDIDATES = 64  # tokens a top-k / top-p row draws from without touching the rest of the vocabulary
-CHUNK = 128  # vocabulary entries per chunk when finding candidates and drawing over the whole vocabulary
+CHUNK = 64  # vocabulary entries per chunk when finding candidates and drawing over the whole vocabulary
 
 
 def _top_k_keep(vocab: int, top_k: jax.Array) -> jax.Array:
@@ -82,6 +82,12 @@ def _chunked(x: jax.Array, fill: float) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, pad)), constant_values=fill).reshape(x.shape[0], -1, CHUNK)
 
 
+def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """lax.top_k with its result materialised: XLA's CPU backend runs its TopK kernel only where the sort it is
+    expanded to stays next to its slice, and a consumer fused into that slice would leave a full sort."""
+    return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+
+
 def top_candidates(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Exact lax.top_k(x, k) (values descending, lower index first on ties) without a pass of top_k over the vocabulary.
 
@@ -89,12 +95,12 @@ def top_candidates(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     then on the k·CHUNK entries they hold, kept in vocabulary order so ties still resolve to the lower index.
     """
     if x.shape[-1] <= k * CHUNK:
-        return jax.lax.top_k(x, k)
+        return _top_k(x, k)
     chunks = _chunked(x, -jnp.inf)
-    _, chosen = jax.lax.top_k(jnp.max(chunks, axis=-1), k)
+    _, chosen = _top_k(jnp.max(chunks, axis=-1), k)
     chosen = jnp.sort(chosen, axis=-1)
     values = jnp.take_along_axis(chunks, chosen[:, :, None], axis=1).reshape(x.shape[0], k * CHUNK)
-    top, position = jax.lax.top_k(values, k)
+    top, position = _top_k(values, k)
     index = jnp.take_along_axis(chosen, position // CHUNK, axis=1) * CHUNK + position % CHUNK
     return top, index.astype(jnp.int32)
 
@@ -130,6 +136,8 @@ def _draw_candidates(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, u: j
     # top-p normalises over what top-k keeps: the candidates when top_k <= k, the whole vocabulary when top_k is 0
     log_total = jnp.where(top_k > 0, jax.nn.logsumexp(jnp.where(keep_k, values, -jnp.inf), axis=-1),
                           jax.nn.logsumexp(scaled, axis=-1))
+    # materialised once: fused into its (rows, k) consumers, the vocabulary-wide sum would be redone per candidate
+    log_total = jax.lax.optimization_barrier(log_total)
     probs = jnp.where(keep_k, jnp.exp(values - log_total[:, None]), 0.0)
     before = jnp.cumsum(probs, axis=-1) - probs
     keep = keep_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1))
