@@ -37,7 +37,7 @@ import yaml
 from .comm import DecodeShape, compile_decode_step, count_collectives
 from .config import LORA_MODULES, ModelConfig
 from .lora.bank import BankLayout, weight_axes
-from .model.llama import CACHE_AXES
+from .model.llama import CACHE_AXES, cache_shape
 from .sharding import ShardingPlan
 
 PROFILE_FIELDS = ("hbm_bandwidth", "peak_flops", "collective_latency", "link_bandwidth")
@@ -199,7 +199,7 @@ def analytic_bytes(config: ModelConfig, plan: ShardingPlan, shape: DecodeShape, 
     Activations, norms and the embedding rows are left out (well under 1% at Llama sizes).
     """
     itemsize = jnp.dtype(shape.dtype).itemsize
-    cache = (shape.batch, shape.max_seq_len, config.num_kv_heads, config.head_dim)
+    cache = cache_shape(config, shape.batch, shape.max_seq_len)
     kv = config.num_layers * 2 * _local_numel(cache, CACHE_AXES, plan)
     lora = adapters * _adapter_numel(config, plan, shape) if with_lora else 0
     return itemsize * (_weight_numel(config, plan) + kv + lora)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model.llama import AdapterBatch, forward, init_cache, slot_groups
+from ..model.llama import AdapterBatch, cache_shape, forward, init_cache, slot_groups
 from ..errors import AdapterError, PoolFullError
 from .sampler import SamplingParams, row_keys, sample
 
@@ -136,7 +136,7 @@ class Generator:
         ids = per-row (slots, clusters, Σ ids); groups = the distinct slots in use (see AdapterBatch)."""
         cfg = self.engine.model_config
         rows, length = tokens.shape
-        zeros = jnp.zeros((rows, length, cfg.num_kv_heads, cfg.head_dim), self._cache_dtype)
+        zeros = jnp.zeros(cache_shape(cfg, rows, length), self._cache_dtype)
         cache = tuple((zeros, zeros) for _ in range(cfg.num_layers))
         logits, cache = forward(self.engine.graphdef, state, tokens, jnp.zeros((rows,), jnp.int32), cache,
                                 adapter_batch(bank, compressed, *ids, groups))
@@ -146,8 +146,8 @@ class Generator:
     @staticmethod
     def _insert_fn(cache, prefill_cache, rows):
         """Copy each prefilled row into its decode row of every layer's cache (a row index past the end: skipped)."""
-        length = jax.tree.leaves(prefill_cache)[0].shape[1]
-        return jax.tree.map(lambda full, new: full.at[rows, :length].set(new, mode="drop"), cache, prefill_cache)
+        length = jax.tree.leaves(prefill_cache)[0].shape[2]
+        return jax.tree.map(lambda full, new: full.at[rows, :, :length].set(new, mode="drop"), cache, prefill_cache)
 
     def _decode_fn(self, state, cache, bank, compressed, tokens, positions, ids, groups, sampling):
         """One token for every row: write its KV at its position, attend, sample the next token.

@@ -85,7 +85,8 @@ def _chunked(x: jax.Array, fill: float) -> jax.Array:
 def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """lax.top_k with its result materialised: XLA's CPU backend runs its TopK kernel only where the sort it is
     expanded to stays next to its slice, and a consumer fused into that slice would leave a full sort."""
-    return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+    values, index = jax.lax.top_k(x, k)
+    return jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(index)
 
 
 def top_candidates(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

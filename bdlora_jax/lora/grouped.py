@@ -38,12 +38,14 @@ def _contract(t: jax.Array, factor: jax.Array, block: bool) -> jax.Array:
 
 
 def grouped_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing, a_block: bool, b_block: bool,
-                       join: Callable[[jax.Array], jax.Array]) -> jax.Array:
+                       join: Callable[[jax.Array], jax.Array], collective: bool) -> jax.Array:
     """Per-device x·A[slot]·B[slot] of every token (batch, seq, out) in float32; join is the strategy's collective
-    on the rank-sized x·A."""
+    on the rank-sized x·A (collective: it moves data, so it runs on the tokens rather than on padded tiles)."""
     batch, seq = x.shape[:2]
     tiles = to_tiles(x.reshape(batch * seq, -1), routing)
     h = _contract(tiles, a[routing.tile_slots], a_block)
-    h = join(h).astype(b.dtype)
+    if collective:
+        h = to_tiles(join(from_tiles(h, routing)), routing)
+    h = h.astype(b.dtype)
     y = _contract(h, b[routing.tile_slots], b_block)
     return from_tiles(y, routing).reshape(batch, seq, -1)

@@ -71,7 +71,8 @@ class LoraOperand:
         if dropout is not None:
             key, rate = dropout
             x = jnp.where(_dropout_mask(key, rate, x, ctx), x / (1.0 - rate), 0.0).astype(x.dtype)
-        return ctx.add(y, grouped_lora_delta(x, a, b, routing, layout.a_block, layout.b_block, ctx.join))
+        collective = layout.gather_rank or layout.reduce_rank
+        return ctx.add(y, grouped_lora_delta(x, a, b, routing, layout.a_block, layout.b_block, ctx.join, collective))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from ..sharding import ShardingPlan
 
 Bank = dict[str, tuple[jax.Array, jax.Array]]
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
-CACHE_AXES = ("batch", None, "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # heads before positions: attention reads it untransposed
 
 
 class AdapterBatch(NamedTuple):
@@ -180,13 +180,14 @@ class DecoderLayer(nnx.Module):
         v = self.attn.apply("v_proj", x, layer, adapters, routing).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, head_dim)
         if cache is None:
             keys, values, key_positions = k, v, positions
         else:
-            write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=0))
+            write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=1))
             keys = self._constrain(write(cache[0], k.astype(cache[0].dtype), start), CACHE_AXES)
             values = self._constrain(write(cache[1], v.astype(cache[1].dtype), start), CACHE_AXES)
-            key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), (batch, keys.shape[1]))
+            key_positions = jnp.broadcast_to(jnp.arange(keys.shape[2]), (batch, keys.shape[2]))
             cache = (keys, values)
         out = self._attend(q, keys, values, positions, key_positions)
         return self.attn.apply("o_proj", out.reshape(batch, seq, cfg.q_dim), layer, adapters, routing), cache
@@ -199,18 +200,18 @@ class DecoderLayer(nnx.Module):
         scale = cfg.head_dim ** -0.5
         if self.plan.kv_replicated:
             groups = cfg.num_heads // cfg.num_kv_heads
-            keys = self._constrain(jnp.repeat(keys, groups, axis=2), ("batch", None, "q_heads", "head_dim"))
-            values = self._constrain(jnp.repeat(values, groups, axis=2), ("batch", None, "q_heads", "head_dim"))
-            scores = jnp.einsum("bshd,bthd->bhst", q, keys, preferred_element_type=jnp.float32) * scale
+            keys = self._constrain(jnp.repeat(keys, groups, axis=1), ("batch", "q_heads", None, "head_dim"))
+            values = self._constrain(jnp.repeat(values, groups, axis=1), ("batch", "q_heads", None, "head_dim"))
+            scores = jnp.einsum("bshd,bhtd->bhst", q, keys, preferred_element_type=jnp.float32) * scale
             scores = jnp.where(mask[:, None], scores, -jnp.inf)
             probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-            return jnp.einsum("bhst,bthd->bshd", probs, values, preferred_element_type=jnp.float32).astype(q.dtype)
+            return jnp.einsum("bhst,bhtd->bshd", probs, values, preferred_element_type=jnp.float32).astype(q.dtype)
         groups = cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys, preferred_element_type=jnp.float32) * scale
+        scores = jnp.einsum("bskgd,bktd->bkgst", qg, keys, preferred_element_type=jnp.float32) * scale
         scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, values, preferred_element_type=jnp.float32)
+        out = jnp.einsum("bkgst,bktd->bskgd", probs, values, preferred_element_type=jnp.float32)
         return out.astype(q.dtype).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
 
     def __call__(self, x, positions, inv_freq, cache, start, adapters, routing):
@@ -293,9 +294,14 @@ def init_model(config: ModelConfig, plan: ShardingPlan, dtype=jnp.float32, seed:
     return graphdef, state
 
 
+def cache_shape(config: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int]:
+    """Shape of one layer's K (or V) cache: (batch, kv_heads, length, head_dim), laid out as CACHE_AXES."""
+    return (batch, config.num_kv_heads, length, config.head_dim)
+
+
 def init_cache(config: ModelConfig, plan: ShardingPlan, batch: int, max_seq_len: int, dtype=jnp.float32) -> KVCache:
-    """A zero KV cache (batch, max_seq_len, kv_heads, head_dim) per layer, sharded on batch and kv heads."""
-    shape = (batch, max_seq_len, config.num_kv_heads, config.head_dim)
+    """A zero KV cache (batch, kv_heads, max_seq_len, head_dim) per layer, sharded on batch and kv heads."""
+    shape = cache_shape(config, batch, max_seq_len)
     sharding = plan.sharding(CACHE_AXES)
     make = jax.jit(lambda: tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)),
                    out_shardings=tuple((sharding, sharding) for _ in range(config.num_layers)))
@@ -304,7 +310,7 @@ def init_cache(config: ModelConfig, plan: ShardingPlan, batch: int, max_seq_len:
 
 def abstract_cache(config: ModelConfig, plan: ShardingPlan, batch: int, max_seq_len: int, dtype=jnp.float32) -> KVCache:
     """Shapes and shardings of a KV cache without allocating it."""
-    shape = (batch, max_seq_len, config.num_kv_heads, config.head_dim)
+    shape = cache_shape(config, batch, max_seq_len)
     leaf = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=plan.sharding(CACHE_AXES))
     return tuple((leaf, leaf) for _ in range(config.num_layers))
 
