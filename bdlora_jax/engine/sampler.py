@@ -71,9 +71,15 @@ def _top_p_keep(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
-    """Index of each row's maximum, the lowest on ties (as argmax), from two plain reductions instead of a variadic one."""
-    top = jnp.max(x, axis=-1, keepdims=True)
-    return jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1]), x.shape[-1]), axis=-1).astype(jnp.int32)
+    """Index of each row's maximum, the lowest on ties (as argmax), reading the vocabulary once: each chunk's
+    maximum, the first chunk holding the row's maximum, then the position within that chunk."""
+    chunks = _chunked(x, -jnp.inf)
+    chunk_max = jnp.max(chunks, axis=-1)
+    top = jnp.max(chunk_max, axis=-1, keepdims=True)
+    chunk = jnp.min(jnp.where(chunk_max == top, jnp.arange(chunk_max.shape[-1]), chunk_max.shape[-1]), axis=-1)
+    within = jnp.take_along_axis(chunks, chunk[:, None, None], axis=1)[:, 0]
+    position = jnp.min(jnp.where(within == top, jnp.arange(CHUNK), CHUNK), axis=-1)
+    return (chunk * CHUNK + position).astype(jnp.int32)
 
 
 def _chunked(x: jax.Array, fill: float) -> jax.Array:
