@@ -13,7 +13,8 @@ bdlora_jax.lora.synthetic.random_adapter. It writes, under --out:
                     model.safetensors, which `python -m bdlora_jax.bench serve --model OUT/model` serves
     adapters/a{i}/  --adapters PEFT LoRA adapters of rank --rank on all seven projections of every layer
                     (A and B random and nonzero, alpha = 2 * rank), saved by PEFT's save_pretrained; with
-                    --seed 0 adapter a{i} holds the factors that bench serve draws for its adapter a{i}
+                    --seed 0 adapter a{i} holds the factors that bench serve draws for its adapter a{i} on a
+                    one-device mesh (plain LoRA)
 
 It then reloads both from disk and measures, in one process, torch using every core, greedy generation of
 exactly --new-tokens tokens per row (min_new_tokens = max_new_tokens) from --batch random prompts of
