@@ -3,7 +3,8 @@
 
     pip install torch transformers peft     # for this script only: never a dependency of bdlora_jax
     python scripts/peft_serve_baseline.py [--out /tmp/peft_bench] [--model small-32k] [--batch 32]
-        [--prompt-len 32] [--new-tokens 64] [--adapters 32] [--rank 16] [--repeats 3] [--seed 0] [--json]
+        [--prompt-len 32] [--new-tokens 64] [--adapters 32] [--rank 16] [--repeats 3] [--seed 0] [--threads N]
+        [--json]
 
 Run it from the repository root with the package importable (pip install -e . or PYTHONPATH=$PWD): the model
 shape comes from the package's model config (configs/models/small-32k.yaml by default) and the adapters from
@@ -16,9 +17,9 @@ bdlora_jax.lora.synthetic.random_adapter. It writes, under --out:
                     --seed 0 adapter a{i} holds the factors that bench serve draws for its adapter a{i} on a
                     one-device mesh (plain LoRA)
 
-It then reloads both from disk and measures, in one process, torch using every core, greedy generation of
-exactly --new-tokens tokens per row (min_new_tokens = max_new_tokens) from --batch random prompts of
---prompt-len token ids:
+It then reloads both from disk and measures, in one process, with --threads torch threads (default: every
+core), greedy generation of exactly --new-tokens tokens per row (min_new_tokens = max_new_tokens) from --batch
+random prompts of --prompt-len token ids:
 
     base only       model.generate on the plain base model (no PEFT layers at all)
     1 adapter       a PeftModel holding every adapter, with a0 active for the whole batch
@@ -28,7 +29,8 @@ exactly --new-tokens tokens per row (min_new_tokens = max_new_tokens) from --bat
 Each configuration runs once as a warm-up, then --repeats times, interleaved so that load drift hits all
 alike; the median is reported as tokens/s = batch * new_tokens / seconds, with its ratio to base only
 (the table and JSON layout of bench serve). The 1-minute load average before timing is reported too: on a
-shared host other work skews the absolute numbers.
+shared host other work skews the numbers, and torch's threads, waiting on each other at every operation, suffer
+most where the adapters add many small operations; --threads 1 is then the steadier measurement.
 """
 
 from __future__ import annotations
@@ -70,9 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the base weights, adapters and prompts")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (default: every core; on a busy host fewer can be much faster)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    for option in ("batch", "prompt_len", "new_tokens", "adapters", "rank", "repeats"):
+    for option in ("batch", "prompt_len", "new_tokens", "adapters", "rank", "repeats", "threads"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')}={getattr(args, option)}: expected a positive integer")
     return args
@@ -184,8 +188,7 @@ def measure(args: argparse.Namespace) -> dict:
         config = resolve_model_config(args.model)
     except ValueError as e:
         raise SystemExit(f"--model {args.model!r}: {e}") from None
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     model_dir, adapters_dir = args.out / "model", args.out / "adapters"
@@ -208,7 +211,7 @@ def measure(args: argparse.Namespace) -> dict:
         "setup": {"model": config.name, "model_dir": str(model_dir), "adapters_dir": str(adapters_dir),
                   "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                   "rank": args.rank, "adapters": args.adapters, "repeats": args.repeats, "dtype": "float32",
-                  "platform": "cpu", "threads": threads, "load_average_before": round(load, 2),
+                  "platform": "cpu", "threads": args.threads, "load_average_before": round(load, 2),
                   "torch": torch.__version__,
                   "transformers": transformers.__version__, "peft": peft.__version__},
         "results": results,
