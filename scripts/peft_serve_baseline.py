@@ -222,7 +222,7 @@ def print_report(report: dict) -> None:
     """One line per configuration: seconds, tokens/s and the ratio to base only."""
     s = report["setup"]
     print(f"HF transformers {s['transformers']} + PEFT {s['peft']} generate, torch {s['torch']} on {s['platform']} "
-          f"({s['threads']} threads, load average {s['load_average_before']} before timing)")
+          f"({s['threads']} torch threads, load average {s['load_average_before']} before timing)")
     print(f"{s['model']} {s['dtype']}, batch {s['batch']}, prompt {s['prompt_len']}, new tokens {s['new_tokens']}, "
           f"rank {s['rank']}, median of {s['repeats']}")
     print(f"{'configuration':<16}{'seconds':>10}{'tokens/s':>12}{'ratio to base':>16}")
