@@ -34,6 +34,12 @@ def adapter_batch(bank, compressed: dict | None, slots, clusters, sigma_ids, gro
     return AdapterBatch(bank, slots, compressed=compressed, clusters=clusters, sigma_ids=sigma_ids, groups=groups)
 
 
+def _sample(logits: jax.Array, sampling: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """The sampler on per-row (temperature, top_p) floats and (top_k, seed, step) ints, keys made on the device."""
+    floats, ints = sampling
+    return sample(logits, floats[0], floats[1], ints[0], row_keys(ints[1], ints[2]))
+
+
 def powers_of_four(low: int, high: int) -> list[int]:
     """low, 4·low, 16·low, ... below high, then high: the sizes a batch dimension is padded to (few compiles)."""
     sizes, n = [], low
@@ -141,7 +147,7 @@ class Generator:
         logits, cache = forward(self.engine.graphdef, state, tokens, jnp.zeros((rows,), jnp.int32), cache,
                                 adapter_batch(bank, compressed, *ids, groups))
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return sample(last, *sampling), cache
+        return _sample(last, sampling), cache
 
     @staticmethod
     def _insert_fn(cache, prefill_cache, rows):
@@ -155,27 +161,24 @@ class Generator:
         ids = per-row (slots, clusters, Σ ids); groups = the distinct slots in use (see AdapterBatch)."""
         logits, cache = forward(self.engine.graphdef, state, tokens[:, None], positions, cache,
                                 adapter_batch(bank, compressed, *ids, groups))
-        return sample(logits[:, 0], *sampling), cache
+        return _sample(logits[:, 0], sampling), cache
 
     def _decode_base_fn(self, state, cache, tokens, positions, sampling):
         """`_decode_fn` for a step in which no row uses an adapter: the base model alone."""
         logits, cache = forward(self.engine.graphdef, state, tokens[:, None], positions, cache)
-        return sample(logits[:, 0], *sampling), cache
+        return _sample(logits[:, 0], sampling), cache
 
     def groups(self, slots) -> jax.Array:
         """The distinct slots in use, padded with 0 to the next compiled group count."""
         used = len({int(s) for s in slots if s > 0})
-        return jnp.asarray(slot_groups(slots, bucket(max(used, 1), self.group_sizes)))
+        return slot_groups(slots, bucket(max(used, 1), self.group_sizes))
 
     @staticmethod
     def _sampling(params: list[SamplingParams], steps: list[int]):
         """Per-row sampling arrays; a request without a seed draws from its id so rows never share a stream."""
-        return (
-            jnp.asarray([p.temperature for p in params], jnp.float32),
-            jnp.asarray([p.top_p for p in params], jnp.float32),
-            jnp.asarray([p.top_k for p in params], jnp.int32),
-            row_keys(jnp.asarray([p.seed for p in params], jnp.int32), jnp.asarray(steps, jnp.int32)),
-        )
+        floats = np.array([[p.temperature for p in params], [p.top_p for p in params]], np.float32)
+        ints = np.array([[p.top_k for p in params], [p.seed for p in params], steps], np.int32)
+        return floats, ints
 
     def submit(self, request: Request) -> None:
         if request.params.seed is None:
@@ -263,13 +266,13 @@ class Generator:
         params = [self.running[i].params if i in self.running else _IDLE for i in range(self.rows)]
         steps = [len(self.running[i].output) if i in self.running else 0 for i in range(self.rows)]
         sampling = self._sampling(params, steps)
-        tokens, positions = jnp.asarray(self.tokens), jnp.asarray(self.positions)
+        tokens, positions = self.tokens, self.positions
         if not ids[0].any() and not ids[2].any():
             new, self.cache = self._decode_base_jit(self.engine.state, self.cache, tokens, positions, sampling)
             return new
         new, self.cache = self._decode_jit(self.engine.state, self.cache, self.engine.pool.bank,
                                        self.engine.compressed_arrays, tokens, positions,
-                                       tuple(jnp.asarray(a) for a in ids), self.groups(ids[0]), sampling)
+                                       ids, self.groups(ids[0]), sampling)
         return new
 
     def _prefill_admitted(self, admitted: list[tuple[int, Request, list[int]]]) -> list[tuple[int, Request]]:
@@ -299,11 +302,10 @@ class Generator:
             lengths[i], ids[:, i], rows[i] = len(request.prompt), request_ids, row
         params = [request.params for _, request, _ in chunk] + [_IDLE] * (size - len(chunk))
         first, prefill_cache = self._prefill_jit(self.engine.state, self.engine.pool.bank, self.engine.compressed_arrays,
-                                             jnp.asarray(tokens), jnp.asarray(lengths),
-                                             tuple(jnp.asarray(a) for a in ids),
-                                             jnp.asarray(slot_groups(ids[0], min(size, max(self.max_loras, 1)))),
+                                             tokens, lengths, ids,
+                                             slot_groups(ids[0], min(size, max(self.max_loras, 1))),
                                              self._sampling(params, [0] * size))
-        self.cache = self._insert_jit(self.cache, prefill_cache, jnp.asarray(rows))
+        self.cache = self._insert_jit(self.cache, prefill_cache, rows)
         first = np.asarray(first)
         for i, (row, request, _) in enumerate(chunk):
             self.tokens[row], self.positions[row] = first[i], len(request.prompt)

@@ -202,17 +202,31 @@ class DecoderLayer(nnx.Module):
             groups = cfg.num_heads // cfg.num_kv_heads
             keys = self._constrain(jnp.repeat(keys, groups, axis=1), ("batch", "q_heads", None, "head_dim"))
             values = self._constrain(jnp.repeat(values, groups, axis=1), ("batch", "q_heads", None, "head_dim"))
+            if seq == 1:
+                return self._attend_one(q[:, 0, :, None], keys, values, mask[:, 0], scale).reshape(q.shape)
             scores = jnp.einsum("bshd,bhtd->bhst", q, keys, preferred_element_type=jnp.float32) * scale
             scores = jnp.where(mask[:, None], scores, -jnp.inf)
             probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
             return jnp.einsum("bhst,bhtd->bshd", probs, values, preferred_element_type=jnp.float32).astype(q.dtype)
         groups = cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
+        if seq == 1:
+            return self._attend_one(qg[:, 0], keys, values, mask[:, 0], scale).reshape(q.shape)
         scores = jnp.einsum("bskgd,bktd->bkgst", qg, keys, preferred_element_type=jnp.float32) * scale
         scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
         out = jnp.einsum("bkgst,bktd->bskgd", probs, values, preferred_element_type=jnp.float32)
         return out.astype(q.dtype).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+
+    @staticmethod
+    def _attend_one(q, keys, values, mask, scale):
+        """One query token per row (decode), q (batch, kv_heads, groups, head_dim): products and sums over the
+        cache in float32, as a fused loop; as batched matmuls these are a tiny GEMV per (row, kv head)."""
+        keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
+        scores = jnp.sum(q.astype(jnp.float32)[:, :, :, None, :] * keys[:, :, None], axis=-1) * scale
+        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1)
+        return jnp.sum(probs[..., None] * values[:, :, None], axis=-2).astype(q.dtype)
 
     def __call__(self, x, positions, inv_freq, cache, start, adapters, routing):
         h, cache = self.attention(self.input_norm(x), positions, inv_freq, cache, start, adapters, routing)
