@@ -19,12 +19,12 @@ import pytest
 from bdlora_jax.bench.lora_timing import ModuleShape, layer_inputs, local_shapes, methods, token_slots
 from bdlora_jax.config import load_model_config_yaml
 from bdlora_jax.configs import CONFIGS_DIR
-from bdlora_jax.kernels import (Config, bgmv_expand, bgmv_shrink, group_by_slot, heuristic_config, reference,
+from bdlora_jax.kernels import (TileConfig, bgmv_expand, bgmv_shrink, group_by_slot, heuristic_config, reference,
                                 sgmv_expand, sgmv_shrink)
 from bdlora_jax.kernels import work_items
 
 EPS32 = float(np.finfo(np.float32).eps)
-SMALL_TILES = Config(block_m=16, block_n=16, block_k=16)  # several tiles and loop steps even at test sizes
+SMALL_TILES = TileConfig(block_m=16, block_n=16, block_k=16)  # several tiles and loop steps even at test sizes
 STATIC = ("config", "interpret")
 KERNELS = {name: jax.jit(fn, static_argnames=STATIC) for name, fn in (  # jitted so cases of one shape compile once
     ("bgmv_shrink", bgmv_shrink), ("sgmv_shrink", sgmv_shrink), ("bgmv_expand", bgmv_expand),
@@ -139,7 +139,7 @@ def test_heuristic_tiles_are_valid_triton_tiles_covering_the_rank():
 
 def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="block_k=24: expected a power of two >= 16"):
-        Config(block_m=16, block_n=16, block_k=24)
+        TileConfig(block_m=16, block_n=16, block_k=24)
     x = jnp.zeros((4, 1, 32))
     with pytest.raises(ValueError, match=r"a has shape \(3, 1, 16, 8\); expected \(\*, 1, 32, \*\)"):
         bgmv_shrink(x, jnp.zeros((3, 1, 16, 8)), jnp.zeros((4,), jnp.int32))

@@ -1,5 +1,5 @@
 """The multi-adapter linear with the Pallas kernels: the whole model gives the XLA path's logits on every strategy
-(interpret mode on the CPU), its decode step lowers to Triton kernels for CUDA, and impl names resolve as documented.
+(interpret mode on the CPU), its decode step lowers to Triton kernels for CUDA, and lora_impl values resolve.
 """
 
 import jax
@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 from bdlora_jax.bench.triton_lowering import lower_decode_step, triton_kernels
 from bdlora_jax.comm import DecodeShape
 from bdlora_jax.lora.bank import BankLayout, slot_arrays, write_slot, zeros_bank
-from bdlora_jax.lora.linear import resolve_impl
+from bdlora_jax.lora.linear import resolve_lora_impl
 from bdlora_jax.lora.operands import LoraOperand
 from bdlora_jax.lora.synthetic import random_adapter
 from bdlora_jax.mesh import make_mesh
@@ -88,14 +88,14 @@ def test_decode_step_lowers_to_triton_kernels_for_cuda(strategy):
 
 
 def test_lora_impl_resolves_per_platform():
-    assert resolve_impl("auto", "gpu") == "pallas" and resolve_impl("auto", "cpu") == "xla"
-    assert resolve_impl("pallas", "gpu") == "pallas" and resolve_impl("pallas", "cpu") == "pallas_interpret"
-    assert resolve_impl("xla", "gpu") == "xla"
+    assert resolve_lora_impl("auto", "gpu") == "pallas" and resolve_lora_impl("auto", "cpu") == "xla"
+    assert resolve_lora_impl("pallas", "gpu") == "pallas" and resolve_lora_impl("pallas", "cpu") == "pallas_interpret"
+    assert resolve_lora_impl("xla", "gpu") == "xla"
     with pytest.raises(ValueError, match="lora_impl='triton'"):
-        resolve_impl("triton", "gpu")
+        resolve_lora_impl("triton", "gpu")
 
 
-def test_unknown_impl_is_rejected():
+def test_unknown_lora_impl_is_rejected():
     spec = PartitionSpec()
     with pytest.raises(ValueError, match="impl='triton'"):
-        LoraOperand(jnp.zeros((2, 8, 4)), jnp.zeros((2, 4, 8)), spec, spec, impl="triton")
+        LoraOperand(jnp.zeros((2, 8, 4)), jnp.zeros((2, 4, 8)), spec, spec, lora_impl="triton")

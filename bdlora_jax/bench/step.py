@@ -42,7 +42,7 @@ def _engine(args: argparse.Namespace, max_loras: int):
     from ..checkpoint import load_hf_params
     from ..config import EngineConfig
     from ..engine.engine import Engine
-    from ..lora.linear import resolve_impl
+    from ..lora.linear import resolve_lora_impl
     from ..lora.synthetic import random_adapter
     from ..mesh import make_mesh
     from ..model.llama import init_model
@@ -50,7 +50,7 @@ def _engine(args: argparse.Namespace, max_loras: int):
 
     config = model_config(args.model)
     plan = make_plan(make_mesh(args.mesh), args.strategy, config, args.rank)
-    impl = resolve_impl(args.lora_impl, plan.mesh.devices.flat[0].platform)
+    model_lora_impl = resolve_lora_impl(args.lora_impl, plan.mesh.devices.flat[0].platform)
     engine_config = EngineConfig(mesh=args.mesh, strategy=args.strategy, max_loras=max_loras,
                                  max_lora_rank=args.rank, max_batch=args.batch, max_seq_len=args.context,
                                  dtype=args.dtype, lora_impl=args.lora_impl)
@@ -58,9 +58,9 @@ def _engine(args: argparse.Namespace, max_loras: int):
         from ..demo import MODEL_DIR
 
         path = MODEL_DIR if args.model == "demo" else args.model
-        params = load_hf_params(path, config, plan, jnp.dtype(args.dtype), lora_impl=impl)
+        params = load_hf_params(path, config, plan, jnp.dtype(args.dtype), lora_impl=model_lora_impl)
     else:
-        params = init_model(config, plan, jnp.dtype(args.dtype), lora_impl=impl)
+        params = init_model(config, plan, jnp.dtype(args.dtype), lora_impl=model_lora_impl)
     engine = Engine(config, params, engine_config, None, plan)
     for i in range(max_loras):
         engine.add_adapter(f"a{i}", random_adapter(config, f"a{i}", rank=args.rank, nblocks=plan.model_size, seed=i))

@@ -18,7 +18,7 @@ from ..errors import (AdapterConflictError, AdapterNotFoundError, AdapterNotRemo
 from ..lora.adapter import LoraAdapter
 from ..lora.bank import BankLayout
 from ..lora.compressed import CompressedServing
-from ..lora.linear import resolve_impl
+from ..lora.linear import resolve_lora_impl
 from ..lora.peft_io import read_adapter
 from ..mesh import make_mesh
 from ..model.llama import forward
@@ -80,8 +80,8 @@ class Engine:
         compressed = None
         if compressed_bank is not None:
             compressed = CompressedServing.from_directory(compressed_bank, model_config, plan, dtype)
-        impl = resolve_impl(lora_impl, plan.mesh.devices.flat[0].platform)
-        params = load_hf_params(path, model_config, plan, jnp.dtype(dtype), lora_impl=impl)
+        model_lora_impl = resolve_lora_impl(lora_impl, plan.mesh.devices.flat[0].platform)
+        params = load_hf_params(path, model_config, plan, jnp.dtype(dtype), lora_impl=model_lora_impl)
         return cls(model_config, params, config, tokenizer, plan, compressed)
 
     @property

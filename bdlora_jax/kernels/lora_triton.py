@@ -35,7 +35,7 @@ PREFILL_BLOCK = 64  # d_in step (shrink) or d_out columns (expand) of a prefill 
 
 
 @dataclass(frozen=True)
-class Config:
+class TileConfig:
     """Tiles of one kernel call: tokens per program (prefill only; a decode program owns one token), output
     columns per program, contraction step; and Triton's warps and software-pipelining stages."""
 
@@ -62,7 +62,7 @@ def _pow2(n: int, low: int, high: int) -> int:
     return min(max(pl.next_power_of_2(max(n, 1)), low), max(low, high))
 
 
-def heuristic_config(op: str, mode: str, tokens: int, d_in: int, r: int, d_out: int) -> Config:
+def heuristic_config(op: str, mode: str, tokens: int, d_in: int, r: int, d_out: int) -> TileConfig:
     """Tiles from the problem shape (T tokens; shrink d_in -> r, expand r -> d_out); see docs/results/kernels.md.
 
     The rank side (shrink output, expand contraction) is one tile of up to 64 columns, so a program reads
@@ -76,11 +76,12 @@ def heuristic_config(op: str, mode: str, tokens: int, d_in: int, r: int, d_out: 
     block_m = prefill_block_m(tokens)
     if op == "shrink":
         if mode == "decode":
-            return Config(MIN_BLOCK, rank_block, _pow2(DECODE_TILE // rank_block, MIN_BLOCK, pl.next_power_of_2(d_in)))
-        return Config(block_m, rank_block, _pow2(d_in, MIN_BLOCK, PREFILL_BLOCK))
+            block_k = _pow2(DECODE_TILE // rank_block, MIN_BLOCK, pl.next_power_of_2(d_in))
+            return TileConfig(MIN_BLOCK, rank_block, block_k)
+        return TileConfig(block_m, rank_block, _pow2(d_in, MIN_BLOCK, PREFILL_BLOCK))
     if mode == "decode":
-        return Config(MIN_BLOCK, _pow2(DECODE_TILE // rank_block, MIN_BLOCK, pl.next_power_of_2(d_out)), rank_block)
-    return Config(block_m, _pow2(d_out, MIN_BLOCK, PREFILL_BLOCK), rank_block)
+        return TileConfig(MIN_BLOCK, _pow2(DECODE_TILE // rank_block, MIN_BLOCK, pl.next_power_of_2(d_out)), rank_block)
+    return TileConfig(block_m, _pow2(d_out, MIN_BLOCK, PREFILL_BLOCK), rank_block)
 
 
 def _check(name: str, array: jax.Array, shape: tuple) -> None:
@@ -117,7 +118,7 @@ def _mask2(rows: jax.Array, cols: jax.Array) -> jax.Array:
     return rows[:, None] & cols[None, :]
 
 
-def _factor_tile(ref, slot, blk, i, j, cfg: Config, rows_ok: jax.Array, cols_ok: jax.Array) -> jax.Array:
+def _factor_tile(ref, slot, blk, i, j, cfg: TileConfig, rows_ok: jax.Array, cols_ok: jax.Array) -> jax.Array:
     """Tile (i, j) of shape (block_k, block_n) of the factor ref[slot, blk], zero outside the factor."""
     tile = ref.at[slot, blk, pl.ds(i * cfg.block_k, cfg.block_k), pl.ds(j * cfg.block_n, cfg.block_n)]
     return plgpu.load(tile, mask=_mask2(rows_ok, cols_ok), other=0)
@@ -126,7 +127,7 @@ def _factor_tile(ref, slot, blk, i, j, cfg: Config, rows_ok: jax.Array, cols_ok:
 # ----------------------------------------------------------------------------------------------- decode (BGMV)
 
 
-def _vector_matrix(vec_ref, factor_ref, t, blk, slot, j, length: int, cfg: Config, col_ok) -> jax.Array:
+def _vector_matrix(vec_ref, factor_ref, t, blk, slot, j, length: int, cfg: TileConfig, col_ok) -> jax.Array:
     """One row times one column tile of a slot's factor: sum over `length` in block_k steps, in float32."""
 
     def step(i, acc):
@@ -139,7 +140,7 @@ def _vector_matrix(vec_ref, factor_ref, t, blk, slot, j, length: int, cfg: Confi
     return jax.lax.fori_loop(0, pl.cdiv(length, cfg.block_k), step, jnp.zeros((cfg.block_n,), jnp.float32))
 
 
-def _bgmv_shrink_kernel(slots_ref, x_ref, a_ref, h_ref, *, cfg: Config, d_in: int, r: int):
+def _bgmv_shrink_kernel(slots_ref, x_ref, a_ref, h_ref, *, cfg: TileConfig, d_in: int, r: int):
     t, blk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     slot = slots_ref[t]
     cols = j * cfg.block_n + jnp.arange(cfg.block_n)
@@ -155,7 +156,7 @@ def _bgmv_shrink_kernel(slots_ref, x_ref, a_ref, h_ref, *, cfg: Config, d_in: in
         plgpu.store(out, _vector_matrix(x_ref, a_ref, t, blk, slot, j, d_in, cfg, col_ok), mask=col_ok)
 
 
-def bgmv_shrink(x: jax.Array, a: jax.Array, slots: jax.Array, *, config: Config | None = None,
+def bgmv_shrink(x: jax.Array, a: jax.Array, slots: jax.Array, *, config: TileConfig | None = None,
                 interpret: bool = False) -> jax.Array:
     """Decode shrink: h[t] = x[t]·A[slots[t]] (float32), one token per row, zeros for slot 0."""
     t, nb, d_in, r = _check_shrink(x, a, slots, "slots")
@@ -170,7 +171,7 @@ def bgmv_shrink(x: jax.Array, a: jax.Array, slots: jax.Array, *, config: Config 
     )(slots.astype(jnp.int32), x, a)
 
 
-def _bgmv_expand_kernel(slots_ref, h_ref, b_ref, y_in_ref, y_ref, *, cfg: Config, r: int, d_out: int):
+def _bgmv_expand_kernel(slots_ref, h_ref, b_ref, y_in_ref, y_ref, *, cfg: TileConfig, r: int, d_out: int):
     del y_in_ref  # the same buffer as y_ref
     t, blk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     slot = slots_ref[t]
@@ -184,7 +185,7 @@ def _bgmv_expand_kernel(slots_ref, h_ref, b_ref, y_in_ref, y_ref, *, cfg: Config
         plgpu.store(out, plgpu.load(out, mask=col_ok, other=0) + acc, mask=col_ok)
 
 
-def bgmv_expand(h: jax.Array, b: jax.Array, slots: jax.Array, y: jax.Array, *, config: Config | None = None,
+def bgmv_expand(h: jax.Array, b: jax.Array, slots: jax.Array, y: jax.Array, *, config: TileConfig | None = None,
                 interpret: bool = False) -> jax.Array:
     """Decode expand: y[t] += h[t]·B[slots[t]] in place (y float32), slot-0 rows untouched."""
     t, nb, r, d_out = _check_expand(h, b, slots, "slots", y)
@@ -244,7 +245,7 @@ def _tile_rows(slot_ref, start_ref, end_ref, order_ref, block_m: int, tokens: in
     return slot, jnp.where(row_ok, rows, tokens), row_ok
 
 
-def _sgmv_shrink_kernel(slot_ref, start_ref, end_ref, order_ref, x_ref, a_ref, h_ref, *, cfg: Config, tokens: int,
+def _sgmv_shrink_kernel(slot_ref, start_ref, end_ref, order_ref, x_ref, a_ref, h_ref, *, cfg: TileConfig, tokens: int,
                         d_in: int, r: int, dtype):
     blk, j = pl.program_id(1), pl.program_id(2)
     slot, rows, row_ok = _tile_rows(slot_ref, start_ref, end_ref, order_ref, cfg.block_m, tokens)
@@ -270,7 +271,7 @@ def _sgmv_shrink_kernel(slot_ref, start_ref, end_ref, order_ref, x_ref, a_ref, h
 
 
 def sgmv_shrink(x: jax.Array, a: jax.Array, order: jax.Array, group_sizes: jax.Array, *,
-                config: Config | None = None, interpret: bool = False) -> jax.Array:
+                config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
     """Prefill shrink: h[t] = x[t]·A[slot of t] (float32), zeros for slot 0.
 
     order and group_sizes are `group_by_slot`'s: token order[p] has the p-th smallest slot, and group_sizes
@@ -283,7 +284,7 @@ def sgmv_shrink(x: jax.Array, a: jax.Array, order: jax.Array, group_sizes: jax.A
 
 
 def sgmv_shrink_items(x: jax.Array, a: jax.Array, order: jax.Array, items: tuple[jax.Array, jax.Array, jax.Array], *,
-                      config: Config | None = None, interpret: bool = False) -> jax.Array:
+                      config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
     """`sgmv_shrink` from precomputed work items (slot, start, end), cut with the config's block_m (built once
     per forward by the model's routing and shared by every module)."""
     t, nb, d_in, r = _check_shrink(x, a, order, "order")
@@ -300,7 +301,7 @@ def sgmv_shrink_items(x: jax.Array, a: jax.Array, order: jax.Array, items: tuple
     )(*(i.astype(jnp.int32) for i in items), order.astype(jnp.int32), x, a)
 
 
-def _sgmv_expand_kernel(slot_ref, start_ref, end_ref, order_ref, h_ref, b_ref, y_in_ref, y_ref, *, cfg: Config,
+def _sgmv_expand_kernel(slot_ref, start_ref, end_ref, order_ref, h_ref, b_ref, y_in_ref, y_ref, *, cfg: TileConfig,
                         tokens: int, r: int, d_out: int, dtype):
     del y_in_ref  # the same buffer as y_ref
     blk, j = pl.program_id(1), pl.program_id(2)
@@ -324,7 +325,7 @@ def _sgmv_expand_kernel(slot_ref, start_ref, end_ref, order_ref, h_ref, b_ref, y
 
 
 def sgmv_expand(h: jax.Array, b: jax.Array, order: jax.Array, group_sizes: jax.Array, y: jax.Array, *,
-                config: Config | None = None, interpret: bool = False) -> jax.Array:
+                config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
     """Prefill expand: y[t] += h[t]·B[slot of t] in place (y float32), slot-0 rows untouched; order and
     group_sizes as for `sgmv_shrink`."""
     _check("group_sizes", group_sizes, (b.shape[0],))
@@ -334,7 +335,7 @@ def sgmv_expand(h: jax.Array, b: jax.Array, order: jax.Array, group_sizes: jax.A
 
 
 def sgmv_expand_items(h: jax.Array, b: jax.Array, order: jax.Array, items: tuple[jax.Array, jax.Array, jax.Array],
-                      y: jax.Array, *, config: Config | None = None, interpret: bool = False) -> jax.Array:
+                      y: jax.Array, *, config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
     """`sgmv_expand` from precomputed work items, as `sgmv_shrink_items`."""
     t, nb, r, d_out = _check_expand(h, b, order, "order", y)
     cfg = config or heuristic_config("expand", "prefill", t, 0, r, d_out)

@@ -21,11 +21,11 @@ from ..mesh import MODEL
 from .routing import Routing, routing_specs
 
 PARTIAL, SLICE, FULL = "partial", "slice", "full"
-IMPLS = ("xla", "pallas", "pallas_interpret")
+RESOLVED_LORA_IMPLS = ("xla", "pallas", "pallas_interpret")
 
 
-def resolve_impl(lora_impl: str, platform: str) -> str:
-    """The `impl` a model runs for a user's lora_impl ("xla", "pallas", "auto") on a device platform.
+def resolve_lora_impl(lora_impl: str, platform: str) -> str:
+    """The resolved lora_impl a model runs (RESOLVED_LORA_IMPLS) for a user's ("xla", "pallas", "auto") on a platform.
 
     "auto" is the Triton kernels on GPU and XLA elsewhere; "pallas" where there is no GPU is the same kernels
     in interpret mode (slow, for checking), since Triton code needs a GPU to run.

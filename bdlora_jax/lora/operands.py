@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec
 
 from .compressed_delta import compressed_delta
 from .grouped import grouped_lora_delta
-from .linear import IMPLS, DeltaContext, LoraLayout
+from .linear import RESOLVED_LORA_IMPLS, DeltaContext, LoraLayout
 from .pallas_delta import pallas_lora_add
 from .routing import Routing
 
@@ -30,7 +30,7 @@ def _dropout_mask(key: jax.Array, rate: jax.Array, x: jax.Array, ctx: DeltaConte
 class LoraOperand:
     """One module's slice of the adapter bank: A and B stacked over slots, with their specs.
 
-    impl: "xla" (grouped GEMM), "pallas" (Triton kernels) or "pallas_interpret" (the kernels in interpret mode).
+    lora_impl: "xla" (grouped GEMM), "pallas" (Triton kernels) or "pallas_interpret" (the kernels in interpret mode).
     dropout = (key, rate) applies LoRA dropout to the adapter's input (training only; xla).
     """
 
@@ -38,13 +38,13 @@ class LoraOperand:
     b: jax.Array
     a_spec: PartitionSpec
     b_spec: PartitionSpec
-    impl: str = "xla"
+    lora_impl: str = "xla"
     dropout: tuple[jax.Array, jax.Array] | None = None
 
     def __post_init__(self):
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl={self.impl!r}: expected one of {IMPLS}")
-        if self.dropout is not None and self.impl != "xla":
+        if self.lora_impl not in RESOLVED_LORA_IMPLS:
+            raise ValueError(f"lora_impl={self.lora_impl!r}: expected one of {RESOLVED_LORA_IMPLS}")
+        if self.dropout is not None and self.lora_impl != "xla":
             raise ValueError("LoRA dropout is a training feature of the xla implementation")
 
     @property
@@ -57,7 +57,7 @@ class LoraOperand:
 
     @property
     def checks_vma(self) -> bool:
-        return self.impl == "xla"
+        return self.lora_impl == "xla"
 
     def layout(self) -> LoraLayout:
         return LoraLayout.from_specs(self.a_spec, self.b_spec, self.a.ndim, self.b.ndim)
@@ -65,9 +65,9 @@ class LoraOperand:
     def add(self, y: jax.Array, x: jax.Array, arrays: tuple, routing: Routing, ctx: DeltaContext) -> jax.Array:
         a, b, dropout = arrays
         layout = ctx.layout
-        if self.impl != "xla":
+        if self.lora_impl != "xla":
             return pallas_lora_add(x, y, a, b, routing, layout.a_block, layout.b_block, ctx.join, ctx.into_slice,
-                                   interpret=self.impl == "pallas_interpret")
+                                   interpret=self.lora_impl == "pallas_interpret")
         if dropout is not None:
             key, rate = dropout
             x = jnp.where(_dropout_mask(key, rate, x, ctx), x / (1.0 - rate), 0.0).astype(x.dtype)

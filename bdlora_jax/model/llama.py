@@ -124,7 +124,7 @@ class RMSNorm(nnx.Module):
 class Linears(nnx.Module):
     """The adapted linear weights of one layer, (d_in, d_out) each, applied with the layer's bank slice.
 
-    lora_impl is lora.linear's `impl`: "xla", "pallas" (Triton kernels) or "pallas_interpret".
+    lora_impl is a resolved one (RESOLVED_LORA_IMPLS): "xla", "pallas" (Triton kernels) or "pallas_interpret".
     """
 
     def __init__(self, config: ModelConfig, modules: tuple[str, ...], plan: ShardingPlan, dtype, rngs: nnx.Rngs,
