@@ -36,9 +36,9 @@ import yaml
 
 from .comm import DecodeShape, compile_decode_step, count_collectives
 from .config import LORA_MODULES, ModelConfig
-from .lora.bank import BankLayout, weight_axes
-from .model.llama import CACHE_AXES, cache_shape
-from .sharding import ShardingPlan
+from .lora.bank import BankLayout
+from .model.llama import cache_shape
+from .sharding import CACHE_AXES, ShardingPlan, weight_axes
 
 PROFILE_FIELDS = ("hbm_bandwidth", "peak_flops", "collective_latency", "link_bandwidth")
 RING_FACTORS = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,

@@ -50,6 +50,45 @@ STRATEGY_RULES: Mapping[str, Mapping[str, str | None]] = {
 }
 
 KV_AXES = ("kv_heads", "kv_lora_rank", "kv_lora_block")
+CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # heads before positions: attention reads it untransposed
+
+# The base axis of each adapted module's sharded side: column modules' output, row modules' input.
+COLUMN_OUT = {"q_proj": "q_heads", "k_proj": "kv_heads", "v_proj": "kv_heads", "gate_proj": "mlp", "up_proj": "mlp"}
+ROW_IN = {"o_proj": "q_heads", "down_proj": "mlp"}
+
+
+def weight_axes(module: str) -> tuple[str, str]:
+    """Logical axes of a base weight in (d_in, d_out) orientation."""
+    if module in COLUMN_OUT:
+        return ("embed", COLUMN_OUT[module])
+    return (ROW_IN[module], "embed")
+
+
+def factor_axes(module: str, block_factors: bool) -> tuple[tuple, tuple]:
+    """Logical axes of a module's (A, B) bank factors; block_factors selects bdlora's block-diagonal form."""
+    if module in COLUMN_OUT:
+        out = COLUMN_OUT[module]
+        kv = out == "kv_heads"
+        a = ("adapter", "embed", "kv_lora_rank" if kv else "col_lora_rank")
+        if block_factors:
+            return a, ("adapter", "kv_lora_block" if kv else "lora_block", None, None)
+        return a, ("adapter", None, out)
+    a = ("adapter", "lora_block", None, None) if block_factors else ("adapter", ROW_IN[module], None)
+    return a, ("adapter", "row_lora_rank", "row_lora_out")
+
+
+def sigma_axes(module: str, block_factors: bool) -> tuple:
+    """Logical axes of a module's Σ: blocked like the module's block-diagonal factor under bdlora."""
+    if not block_factors:
+        return ("adapter", None, None, None)
+    kv = module in ("k_proj", "v_proj")
+    return ("adapter", "kv_lora_block" if kv else "lora_block", None, None)
+
+
+def compressed_axes(module: str, block_factors: bool) -> tuple[tuple, tuple, tuple]:
+    """Logical axes of a module's compressed (V, U, Σ): V like the bank's A, U like its B."""
+    a_axes, b_axes = factor_axes(module, block_factors)
+    return a_axes, b_axes, sigma_axes(module, block_factors)
 
 
 @dataclass(frozen=True)

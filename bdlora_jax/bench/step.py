@@ -76,8 +76,8 @@ def weight_matmuls(engine, batch: int):
     from jax.sharding import NamedSharding, PartitionSpec
 
     from ..config import LORA_MODULES
-    from ..lora.bank import weight_axes
     from ..mesh import MODEL
+    from ..sharding import weight_axes
 
     plan, config = engine.plan, engine.model_config
     model = nnx.merge(engine.graphdef, engine.state)

@@ -16,16 +16,8 @@ import numpy as np
 from ..config import LORA_MODULES, ModelConfig
 from ..sharding import ShardingPlan
 from .adapter import LoraAdapter
-from .layout import COLUMN_OUT, ROW_IN, AdapterLayout, FactorShapes
-from .layout import factor_axes as factor_axes  # the model takes its factor specs from here
+from .layout import AdapterLayout, FactorShapes
 from .peft_io import AdapterError
-
-
-def weight_axes(module: str) -> tuple[str, str]:
-    """Logical axes of a base weight in (d_in, d_out) orientation."""
-    if module in COLUMN_OUT:
-        return ("embed", COLUMN_OUT[module])
-    return (ROW_IN[module], "embed")
 
 
 def bank_key(layer: int, module: str) -> str:

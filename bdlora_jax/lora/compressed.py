@@ -23,26 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import COLUMN_MODULES, ModelConfig
-from ..sharding import ShardingPlan
+from ..sharding import ShardingPlan, sigma_axes
 from .bank import bank_key
 from .compressed_store import CompressedBank, CompressedBankError, CompressedModule, load_compressed_bank
-from .layout import AdapterLayout, factor_axes, served_rank
+from .layout import AdapterLayout, served_rank
 
 CompressedArrays = dict[str, tuple[jax.Array, jax.Array, jax.Array]]
-
-
-def sigma_axes(module: str, block_factors: bool) -> tuple:
-    """Logical axes of a module's Σ: blocked like the module's block-diagonal factor under bdlora."""
-    if not block_factors:
-        return ("adapter", None, None, None)
-    kv = module in ("k_proj", "v_proj")
-    return ("adapter", "kv_lora_block" if kv else "lora_block", None, None)
-
-
-def compressed_axes(module: str, block_factors: bool) -> tuple[tuple, tuple, tuple]:
-    """Logical axes of a module's (V, U, Σ): V like the bank's A, U like its B."""
-    a_axes, b_axes = factor_axes(module, block_factors)
-    return a_axes, b_axes, sigma_axes(module, block_factors)
 
 
 @dataclass(frozen=True)

@@ -27,24 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import COLUMN_MODULES, ModelConfig
+from ..sharding import factor_axes
 from .peft_io import AdapterError
 
-COLUMN_OUT = {"q_proj": "q_heads", "k_proj": "kv_heads", "v_proj": "kv_heads", "gate_proj": "mlp", "up_proj": "mlp"}
-ROW_IN = {"o_proj": "q_heads", "down_proj": "mlp"}
 FactorShapes = tuple[tuple[tuple[int, ...], tuple], tuple[tuple[int, ...], tuple]]
-
-
-def factor_axes(module: str, block_factors: bool) -> tuple[tuple, tuple]:
-    """Logical axes of a module's (A, B) bank factors; block_factors selects bdlora's block-diagonal form."""
-    if module in COLUMN_OUT:
-        out = COLUMN_OUT[module]
-        kv = out == "kv_heads"
-        a = ("adapter", "embed", "kv_lora_rank" if kv else "col_lora_rank")
-        if block_factors:
-            return a, ("adapter", "kv_lora_block" if kv else "lora_block", None, None)
-        return a, ("adapter", None, out)
-    a = ("adapter", "lora_block", None, None) if block_factors else ("adapter", ROW_IN[module], None)
-    return a, ("adapter", "row_lora_rank", "row_lora_out")
 
 
 def own_blocks(module: str, a_blocks: int, b_blocks: int) -> int:

@@ -19,16 +19,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from ..config import LORA_MODULES, ModelConfig
-from ..lora.bank import bank_key, factor_axes, weight_axes
-from ..lora.compressed import compressed_axes
+from ..lora.bank import bank_key
 from ..lora.linear import LinearSpecs, adapted_linear
 from ..lora.operands import CompressedOperand, LoraOperand
 from ..lora.routing import Routing, route_shard
-from ..sharding import ShardingPlan
+from ..sharding import CACHE_AXES, ShardingPlan, compressed_axes, factor_axes, weight_axes
 
 Bank = dict[str, tuple[jax.Array, jax.Array]]
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
-CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # heads before positions: attention reads it untransposed
 
 
 class AdapterBatch(NamedTuple):
