@@ -50,10 +50,10 @@ def resolve_model_config(spec: str | Path) -> ModelConfig:
 
     from .config import load_model_config_yaml
     from .configs import SUFFIXES, ConfigNotFound, find_config, shipped_names
-    from .demo import MODEL_DIR
+    from .demo import DEMO_MODEL, is_demo_model, resolve_model_path
 
-    if str(spec) == "demo":
-        return dataclasses.replace(load_model_config(MODEL_DIR), name="demo")
+    if is_demo_model(spec):
+        return dataclasses.replace(load_model_config(resolve_model_path(spec)), name=DEMO_MODEL)
     if Path(spec).is_dir():
         return load_model_config(Path(spec))
     try:

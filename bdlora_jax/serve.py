@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import uvicorn
 
-    from .demo import demo_adapters
+    from .demo import DEMO_MODEL, demo_adapters, is_demo_model
     from .engine.engine import Engine
     from .engine.scheduler import Scheduler
     from .server import create_app
@@ -69,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
                                     max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
                                     max_seq_len=args.max_seq_len, dtype=args.dtype,
                                     compressed_bank=args.compressed_bank)
-    if args.model == "demo":  # the shipped task adapters, unless a compressed bank already serves their names
+    if is_demo_model(args.model):  # the shipped task adapters, unless a compressed bank already serves their names
         shipped = {name: path for name, path in demo_adapters().items() if not engine.has_adapter(name)}
         if len(shipped) < len(demo_adapters()):
             log.info("demo adapters %s are served from the compressed bank", sorted(set(demo_adapters()) - set(shipped)))
         modules = {**shipped, **modules}
     for name, path in modules.items():
         engine.add_adapter(name, path)
-    served = args.served_model_name or ("demo" if args.model == "demo" else Path(args.model).resolve().name)
+    served = args.served_model_name or (DEMO_MODEL if is_demo_model(args.model) else Path(args.model).resolve().name)
     scheduler = Scheduler(engine)
     log.info("warming up (compiling prefill buckets, decode step and slot writes) ...")
     scheduler.warm_up()

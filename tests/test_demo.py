@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bdlora_jax.bench.demo_accuracy import demo_accuracy
-from bdlora_jax.demo import COMPRESSED_DIR, demo_adapters
+from bdlora_jax.demo import COMPRESSED_DIR, MODEL_DIR, demo_adapters, is_demo_model, resolve_model_path
 from bdlora_jax.demo.tasks import ADAPTER_TASKS, caesar, examples
 
 ROOT = Path(__file__).parent.parent
@@ -20,6 +20,12 @@ def test_demo_ships_the_four_task_adapters_two_of_them_bdlora_with_8_blocks():
     nblocks = {name: (json.loads((path / "adapter_config.json").read_text()).get("use_bdlora") or {}).get("nblocks", 1)
                for name, path in adapters.items()}
     assert sorted(n for n in nblocks.values() if n == 8) == [8, 8]
+
+
+def test_the_name_demo_resolves_to_the_shipped_model_and_any_other_to_itself():
+    assert resolve_model_path("demo") == MODEL_DIR and resolve_model_path(Path("demo")) == MODEL_DIR
+    assert resolve_model_path("models/demo") == Path("models/demo")
+    assert is_demo_model("demo") and not is_demo_model("./demo") and not is_demo_model(None)
 
 
 def test_tasks_have_exact_answers_and_held_out_words_differ():

@@ -30,6 +30,7 @@ import yaml
 
 from ..config import DTYPES, STRATEGIES, ModelConfig
 from ..configs import SUFFIXES, ConfigNotFound, find_config, shipped_names
+from ..demo import is_demo_model
 from ..mesh import parse_mesh
 from . import serve as serve_bench
 from .common import shared_options
@@ -152,7 +153,7 @@ def load_config(path: str | Path) -> AblationConfig:
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] == ".":
         raise fail("name", f"{name!r} is not a directory name (letters, digits, '-', '_', '.')")
     model = data.get("model")
-    if model != "demo" and not _is_model_config(model):
+    if not is_demo_model(model) and not _is_model_config(model):
         raise fail("model", f"{model!r} is neither 'demo' nor a configs/models/*.yaml file or the name of a shipped "
                             f"model config ({', '.join(shipped_names('models'))})")
     kinds = data.get("kinds")

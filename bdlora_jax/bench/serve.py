@@ -40,13 +40,14 @@ def _engine(args: argparse.Namespace, max_loras: int, compressed_bank: Path | No
     import jax.numpy as jnp
 
     from ..config import EngineConfig
+    from ..demo import resolve_model_path
     from ..engine.engine import Engine
     from ..mesh import make_mesh
     from ..model.llama import init_model
     from ..sharding import make_plan
 
     max_seq_len = args.prompt_len + args.new_tokens
-    if args.model != "demo" and not Path(args.model).is_dir():
+    if not resolve_model_path(args.model).is_dir():
         config = model_config(args.model)
         plan = make_plan(make_mesh(args.mesh), args.strategy, config, args.rank)
         engine_config = EngineConfig(mesh=args.mesh, strategy=args.strategy, max_loras=max_loras,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +40,7 @@ def _engine(args: argparse.Namespace, max_loras: int):
 
     from ..checkpoint import load_hf_params
     from ..config import EngineConfig
+    from ..demo import resolve_model_path
     from ..engine.engine import Engine
     from ..lora.linear import resolve_lora_impl
     from ..lora.synthetic import random_adapter
@@ -54,10 +54,8 @@ def _engine(args: argparse.Namespace, max_loras: int):
     engine_config = EngineConfig(mesh=args.mesh, strategy=args.strategy, max_loras=max_loras,
                                  max_lora_rank=args.rank, max_batch=args.batch, max_seq_len=args.context,
                                  dtype=args.dtype, lora_impl=args.lora_impl)
-    if args.model == "demo" or Path(args.model).is_dir():
-        from ..demo import MODEL_DIR
-
-        path = MODEL_DIR if args.model == "demo" else args.model
+    path = resolve_model_path(args.model)
+    if path.is_dir():
         params = load_hf_params(path, config, plan, jnp.dtype(args.dtype), lora_impl=model_lora_impl)
     else:
         params = init_model(config, plan, jnp.dtype(args.dtype), lora_impl=model_lora_impl)

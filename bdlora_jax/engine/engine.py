@@ -13,6 +13,7 @@ import numpy as np
 
 from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
 from ..config import EngineConfig, ModelConfig
+from ..demo import DEMO_MODEL, is_demo_model, resolve_model_path
 from ..errors import (AdapterConflictError, AdapterNotFoundError, AdapterNotRemovableError, ContextLengthError,
                       InvalidRequestError)
 from ..lora.adapter import LoraAdapter
@@ -22,7 +23,6 @@ from ..lora.linear import resolve_lora_impl
 from ..lora.peft_io import read_adapter
 from ..mesh import make_mesh
 from ..model.llama import forward
-from ..demo import MODEL_DIR
 from ..sharding import make_plan
 from .adapter_pool import AdapterPool
 from .generator import Completion, Generator, Request, adapter_batch
@@ -71,11 +71,11 @@ class Engine:
         """
         config = EngineConfig(mesh=mesh, strategy=strategy, max_loras=max_loras, max_lora_rank=max_lora_rank,
                               max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype, lora_impl=lora_impl)
-        demo = str(path) == "demo"
-        path = MODEL_DIR if demo else path
+        demo = is_demo_model(path)
+        path = resolve_model_path(path)
         model_config, tokenizer = load_model_config(path), load_tokenizer(path)
         if demo:
-            model_config = dataclasses.replace(model_config, name="demo")
+            model_config = dataclasses.replace(model_config, name=DEMO_MODEL)
         plan = make_plan(make_mesh(mesh), strategy, model_config, max_lora_rank)
         compressed = None
         if compressed_bank is not None:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..demo import is_demo_model, resolve_model_path
 from ..lora.bank import BankLayout, bank_specs
 from ..lora.peft_io import write_adapter
 from ..mesh import make_mesh
@@ -57,10 +58,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
-        from ..demo import MODEL_DIR
 
         self.cfg = cfg
-        path = MODEL_DIR if cfg.model == "demo" else Path(cfg.model)
+        path = resolve_model_path(cfg.model)
         self.model_config = load_model_config(path)
         self.tokenizer = load_tokenizer(path)
         if self.tokenizer is None:
@@ -193,5 +193,5 @@ class Trainer:
         """Write every trained adapter as a PEFT directory under out_dir/adapters (or out_dir)."""
         root = Path(out_dir) if out_dir is not None else Path(self.cfg.out_dir) / "adapters"
         adapters = export(self.train_state.factors, self.spec, self.model_config, self.names,
-                          base_model=None if self.cfg.model == "demo" else str(self.cfg.model))
+                          base_model=None if is_demo_model(self.cfg.model) else str(self.cfg.model))
         return {a.name: write_adapter(a, root / a.name) for a in adapters}
