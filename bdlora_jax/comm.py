@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .adapters.bank import BankLayout, abstract_bank
+from .adapters.compressed import CompressedLayout, abstract_compressed
 from .config import ModelConfig
-from .lora.bank import BankLayout, abstract_bank
-from .lora.compressed import CompressedLayout, abstract_compressed
 from .model.llama import AdapterBatch, abstract_cache, abstract_model, forward, param_shardings
 from .sharding import ShardingPlan
 

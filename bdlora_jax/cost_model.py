@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import yaml
 
+from .adapters.bank import BankLayout
 from .comm import DecodeShape, compile_decode_step, count_collectives
 from .config import LORA_MODULES, ModelConfig
-from .lora.bank import BankLayout
 from .model.llama import cache_shape
 from .sharding import CACHE_AXES, ShardingPlan, weight_axes
 

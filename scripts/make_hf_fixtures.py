@@ -27,7 +27,7 @@ RoPE: with head_dim 8 and theta 500000 the four wavelengths are about 6, 167, 44
 regimes (kept, smoothly interpolated, divided by the factor).
 
 After generating, and alone with --check-only, check_roundtrip() reads every adapter
-with bdlora_jax.lora.peft_io.read_adapter, writes it back with write_adapter, and checks
+with bdlora_jax.adapters.peft_io.read_adapter, writes it back with write_adapter, and checks
 that the file is unchanged and that PEFT loads it to the same logits; check_trained_export()
 trains LoRA and BD-LoRA adapters with bdlora_jax.train, exports them, and checks that PEFT
 loads them to the logits our engine serves. The script needs the package installed
@@ -323,8 +323,8 @@ def check_roundtrip(out):
     """Our read_adapter -> write_adapter must give back the same tensors, and PEFT must
     load what we wrote to the reference logits."""
     try:
+        from bdlora_jax.adapters.peft_io import read_adapter, write_adapter
         from bdlora_jax.checkpoint import load_model_config
-        from bdlora_jax.lora.peft_io import read_adapter, write_adapter
     except ImportError as e:
         sys.exit(f"the round-trip check needs the bdlora_jax package installed (pip install -e .): {e}")
 

@@ -8,7 +8,7 @@
 
 Run it from the repository root with the package importable (pip install -e . or PYTHONPATH=$PWD): the model
 shape comes from the package's model config (configs/models/small-32k.yaml by default) and the adapters from
-bdlora_jax.lora.synthetic.random_adapter. It writes, under --out:
+bdlora_jax.adapters.synthetic.random_adapter. It writes, under --out:
 
     model/          a random LlamaForCausalLM of that shape (float32, torch seed --seed): config.json and
                     model.safetensors, which `python -m bdlora_jax.bench serve --model OUT/model` serves
@@ -51,9 +51,9 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.checkpoint import hf_config_dict, load_model_config, resolve_model_config
 from bdlora_jax.config import ATTENTION_MODULES, LORA_MODULES, ModelConfig
-from bdlora_jax.lora.synthetic import random_adapter
 
 BASE = "base only"
 

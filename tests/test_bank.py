@@ -1,4 +1,4 @@
-"""Adapters that do not fit the bank layout (bdlora_jax.lora.bank) are refused by name, end to end through the
+"""Adapters that do not fit the bank layout (bdlora_jax.adapters.bank) are refused by name, end to end through the
 Engine: rank above max_lora_rank, BD-LoRA blocks against the model axis, dense LoRA under bdlora.
 
 Each refusal leaves the engine serving what it had, and a fitting adapter under the same name serves exactly.

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from helpers import FIXTURES
 
+from bdlora_jax.adapters.adapter import LoraAdapter, ModuleFactors
+from bdlora_jax.adapters.compressed_store import CompressedBankError, load_compressed_bank
+from bdlora_jax.adapters.peft_io import read_adapter
+from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.checkpoint import load_model_config
 from bdlora_jax.compress.__main__ import main as compress_main
 from bdlora_jax.compress.compressor import compress_adapters, kmeans, project_adapter
 from bdlora_jax.compress.joint import jd_diag, jd_full, truncated_svd_errors
-from bdlora_jax.lora.compressed_store import CompressedBankError, load_compressed_bank
 from bdlora_jax.compress.synthetic import random_compressed_bank
 from bdlora_jax.config import ModelConfig
-from bdlora_jax.lora.adapter import LoraAdapter, ModuleFactors
-from bdlora_jax.lora.peft_io import read_adapter
-from bdlora_jax.lora.synthetic import random_adapter
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=4,
                      head_dim=12, name="compress-test")

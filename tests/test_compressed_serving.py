@@ -22,17 +22,17 @@ import pytest
 from helpers import MESHES, STRATEGIES
 
 from bdlora_jax import Engine
+from bdlora_jax.adapters.bank import BankLayout, slot_arrays
+from bdlora_jax.adapters.compressed import CompressedLayout, CompressedServing
+from bdlora_jax.adapters.compressed_store import MANIFEST_FILE, CompressedBankError
+from bdlora_jax.adapters.peft_io import write_adapter
+from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.checkpoint import load_model_config
 from bdlora_jax.comm import DecodeShape, compile_decode_step, count_collectives
-from bdlora_jax.lora.compressed_store import MANIFEST_FILE, CompressedBankError
 from bdlora_jax.compress.synthetic import random_compressed_bank
 from bdlora_jax.config import ModelConfig, load_model_config_yaml
 from bdlora_jax.configs import CONFIGS_DIR
 from bdlora_jax.engine.scheduler import Scheduler
-from bdlora_jax.lora.bank import BankLayout, slot_arrays
-from bdlora_jax.lora.compressed import CompressedLayout, CompressedServing
-from bdlora_jax.lora.peft_io import write_adapter
-from bdlora_jax.lora.synthetic import random_adapter
 from bdlora_jax.mesh import make_mesh
 from bdlora_jax.model.llama import AdapterBatch, abstract_model, forward, init_model, param_shardings
 from bdlora_jax.serve import create_app

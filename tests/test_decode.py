@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bdlora_jax import Engine
-from bdlora_jax.lora.synthetic import random_adapter
+from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.model.llama import AdapterBatch, forward, init_cache
 
 PREFIX = [5, 9, 3, 7]  # prompt length of each row; rows then decode up to LENGTH tokens

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from helpers import ATOL, FIXTURE_ADAPTERS, GOOD, assert_serves, prompts
 
-from bdlora_jax.lora.peft_io import read_adapter
+from bdlora_jax.adapters.peft_io import read_adapter
 
 
 def test_base_and_every_fixture_adapter_match_reference(eng, hf_dir, reference):

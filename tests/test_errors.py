@@ -17,14 +17,14 @@ import httpx
 import pytest
 
 from bdlora_jax import Engine, errors
-from bdlora_jax.engine.scheduler import Scheduler
+from bdlora_jax.adapters.peft_io import read_adapter
+from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.engine.sampler import SamplingParams
+from bdlora_jax.engine.scheduler import Scheduler
 from bdlora_jax.errors import (AdapterConflictError, AdapterError, AdapterInUseError, AdapterNotFoundError,
                                AdapterNotRemovableError, AuthenticationError, BdloraError, ContextLengthError,
                                ForbiddenPathError, InvalidRequestError, MalformedBodyError, ModelNotFoundError,
                                MultiplePromptsError, PoolFullError, RequestFailedError, RequestTooLargeError)
-from bdlora_jax.lora.peft_io import read_adapter
-from bdlora_jax.lora.synthetic import random_adapter
 from bdlora_jax.server import MAX_BODY_BYTES, create_app
 from bdlora_jax.server.error_mapping import ERROR_KINDS, error_body, error_kind
 

@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bdlora_jax.adapters.adapter import ModuleFactors
+from bdlora_jax.adapters.bank import BankLayout, bank_key, slot_arrays
+from bdlora_jax.adapters.compressed import CompressedLayout, host_arrays
+from bdlora_jax.adapters.compressed_store import block_dims
+from bdlora_jax.adapters.layout import AdapterLayout, block_diagonal, served_rank
+from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.compress.problems import build_problem
 from bdlora_jax.compress.synthetic import random_compressed_bank
 from bdlora_jax.config import COLUMN_MODULES, LORA_MODULES, ModelConfig
-from bdlora_jax.lora.adapter import ModuleFactors
-from bdlora_jax.lora.bank import BankLayout, bank_key, slot_arrays
-from bdlora_jax.lora.compressed import CompressedLayout, host_arrays
-from bdlora_jax.lora.compressed_store import block_dims
-from bdlora_jax.lora.layout import AdapterLayout, block_diagonal, served_rank
-from bdlora_jax.lora.synthetic import random_adapter
 from bdlora_jax.train.factors import AdapterSpec, bank_rank, to_bank
 
 CONFIG = ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=8, num_kv_heads=2,

@@ -10,12 +10,12 @@ from helpers import ONE_LAYER_CONFIG as CONFIG
 from helpers import STRATEGIES
 from jax.sharding import PartitionSpec
 
+from bdlora_jax.adapters.bank import BankLayout, slot_arrays, write_slot, zeros_bank
+from bdlora_jax.adapters.linear import resolve_lora_impl
+from bdlora_jax.adapters.operands import LoraOperand
+from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.bench.triton_lowering import lower_decode_step, triton_kernels
 from bdlora_jax.comm import DecodeShape
-from bdlora_jax.lora.bank import BankLayout, slot_arrays, write_slot, zeros_bank
-from bdlora_jax.lora.linear import resolve_lora_impl
-from bdlora_jax.lora.operands import LoraOperand
-from bdlora_jax.lora.synthetic import random_adapter
 from bdlora_jax.mesh import make_mesh
 from bdlora_jax.model.llama import (
     AdapterBatch,

@@ -1,4 +1,4 @@
-"""PEFT adapter directories read, validated and written (bdlora_jax.lora.peft_io), end to end through the Engine.
+"""PEFT adapter directories read, validated and written (bdlora_jax.adapters.peft_io), end to end through the Engine.
 
 Every refusal test checks the error type, that the message names the offending file / tensor / field /
 value, and that the engine afterwards still serves what it had: a previously registered adapter still
@@ -35,8 +35,8 @@ from helpers import (
 from helpers import lora_tensor_name as key
 from safetensors.numpy import load_file, save_file
 
+from bdlora_jax.adapters.peft_io import read_adapter, write_adapter
 from bdlora_jax.errors import AdapterError
-from bdlora_jax.lora.peft_io import read_adapter, write_adapter
 
 
 def test_adapter_error_is_value_error():
@@ -242,8 +242,8 @@ ROUND_TRIP_SCRIPT = textwrap.dedent(
     import sys
     sys.modules["torch"] = None  # any `import torch` now raises ImportError
     from pathlib import Path
+    from bdlora_jax.adapters.peft_io import read_adapter, write_adapter
     from bdlora_jax.checkpoint import load_model_config
-    from bdlora_jax.lora.peft_io import read_adapter, write_adapter
     hf, out = Path(sys.argv[1]), Path(sys.argv[2])
     cfg = load_model_config(hf / "model")
     for name in sys.argv[3:]:

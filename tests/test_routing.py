@@ -10,15 +10,15 @@ import pytest
 from helpers import MESHES, ONE_LAYER_CONFIG, STRATEGIES
 from jax.sharding import PartitionSpec
 
+from bdlora_jax.adapters.bank import BankLayout, bank_key, slot_arrays, write_slot, zeros_bank
+from bdlora_jax.adapters.compressed import CompressedLayout
+from bdlora_jax.adapters.linear import PARTIAL, SLICE, LinearSpecs, LoraLayout, adapted_linear
+from bdlora_jax.adapters.operands import LoraOperand
+from bdlora_jax.adapters.routing import route_shard, tile_count, tile_size
+from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.comm import DecodeShape, compile_decode_step
 from bdlora_jax.config import ModelConfig
 from bdlora_jax.kernels import prefill_block_m
-from bdlora_jax.lora.bank import BankLayout, bank_key, slot_arrays, write_slot, zeros_bank
-from bdlora_jax.lora.compressed import CompressedLayout
-from bdlora_jax.lora.linear import PARTIAL, SLICE, LinearSpecs, LoraLayout, adapted_linear
-from bdlora_jax.lora.operands import LoraOperand
-from bdlora_jax.lora.routing import route_shard, tile_count, tile_size
-from bdlora_jax.lora.synthetic import random_adapter
 from bdlora_jax.mesh import MODEL, make_mesh
 from bdlora_jax.model.llama import AdapterBatch, forward, init_cache, init_model, route, slot_groups
 from bdlora_jax.sharding import factor_axes, make_plan, weight_axes

@@ -19,10 +19,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bdlora_jax import Engine
+from bdlora_jax.adapters.peft_io import write_adapter
+from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.demo import demo_adapters
 from bdlora_jax.engine.scheduler import Scheduler
-from bdlora_jax.lora.peft_io import write_adapter
-from bdlora_jax.lora.synthetic import random_adapter
 from bdlora_jax.server import MAX_BODY_BYTES, create_app
 
 ENGINE_OPTS = dict(mesh="1x2", strategy="bdlora", max_loras=2, max_lora_rank=16, max_batch=4, max_seq_len=128)

@@ -175,10 +175,10 @@ def servers(request, tmp_path_factory):
 def adapter_dirs(tmp_path_factory) -> dict[str, Path]:
     """Random PEFT adapters: 16 for the concurrency test (dense rank 2, and BD-LoRA with 8 blocks of rank 2 =
     rank 16, both within max_lora_rank 16 on 8 devices) and two for the load / unload test."""
+    from bdlora_jax.adapters.peft_io import write_adapter
+    from bdlora_jax.adapters.synthetic import random_adapter
     from bdlora_jax.checkpoint import load_model_config
     from bdlora_jax.demo import MODEL_DIR
-    from bdlora_jax.lora.peft_io import write_adapter
-    from bdlora_jax.lora.synthetic import random_adapter
 
     config = load_model_config(MODEL_DIR)
     root = tmp_path_factory.mktemp("live_adapters")

@@ -5,9 +5,9 @@ import pytest
 from helpers import MESHES, STRATEGIES
 
 from bdlora_jax import Engine
+from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.checkpoint import load_model_config
 from bdlora_jax.config import ModelConfig
-from bdlora_jax.lora.synthetic import random_adapter
 from bdlora_jax.mesh import make_mesh, parse_mesh
 from bdlora_jax.sharding import make_plan
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bdlora_jax import Engine
-from bdlora_jax.lora.bank import slot_arrays
+from bdlora_jax.adapters.bank import slot_arrays
 from bdlora_jax.train.__main__ import load_config
 from bdlora_jax.train.config import TrainConfig
 from bdlora_jax.train.factors import export, to_bank

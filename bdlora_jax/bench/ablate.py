@@ -243,9 +243,9 @@ def _decode_point(config: AblationConfig, point: dict[str, Any]) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from ..adapters.synthetic import random_adapter
     from ..comm import count_collectives
     from ..engine.generator import adapter_batch
-    from ..lora.synthetic import random_adapter
     from ..model.llama import forward, init_cache
 
     s, batch, n = config.settings, point["batch"], point["adapters"]

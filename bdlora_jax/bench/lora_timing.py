@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from ..adapters.bank import BankLayout
 from ..config import LORA_MODULES, ModelConfig
 from ..kernels import bgmv_expand, bgmv_shrink, group_by_slot, reference, sgmv_expand, sgmv_shrink
-from ..lora.bank import BankLayout
 from ..mesh import DATA, MODEL
 from ..sharding import make_plan
 

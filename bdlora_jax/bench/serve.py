@@ -55,7 +55,7 @@ def _engine(args: argparse.Namespace, max_loras: int, compressed_bank: Path | No
                                      dtype=args.dtype, lora_impl="xla")
         compressed = None
         if compressed_bank is not None:
-            from ..lora.compressed import CompressedServing
+            from ..adapters.compressed import CompressedServing
 
             compressed = CompressedServing.from_directory(compressed_bank, config, plan, args.dtype)
         return Engine(config, init_model(config, plan, jnp.dtype(args.dtype)), engine_config, None, plan, compressed)
@@ -66,7 +66,7 @@ def _engine(args: argparse.Namespace, max_loras: int, compressed_bank: Path | No
 
 def run(args: argparse.Namespace) -> dict:
     """Measure tokens/s for each configuration and the ratio of each to base only."""
-    from ..lora.synthetic import random_adapter
+    from ..adapters.synthetic import random_adapter
 
     counts = [int(n) for n in args.adapters.split(",") if n]
     engine = _engine(args, max(counts + [1]))

@@ -38,12 +38,12 @@ def _engine(args: argparse.Namespace, max_loras: int):
     """An engine of the bench's model with max_loras random rank-`rank` BD-LoRA adapters (one block per device)."""
     import jax.numpy as jnp
 
+    from ..adapters.linear import resolve_lora_impl
+    from ..adapters.synthetic import random_adapter
     from ..checkpoint import load_hf_params
     from ..config import EngineConfig
     from ..demo import resolve_model_path
     from ..engine.engine import Engine
-    from ..lora.linear import resolve_lora_impl
-    from ..lora.synthetic import random_adapter
     from ..mesh import make_mesh
     from ..model.llama import init_model
     from ..sharding import make_plan

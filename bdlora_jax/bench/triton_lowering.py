@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..adapters.bank import BankLayout, abstract_bank
 from ..comm import DecodeShape
 from ..config import ModelConfig
-from ..lora.bank import BankLayout, abstract_bank
 from ..model.llama import AdapterBatch, abstract_cache, abstract_model, forward, param_shardings
 from ..sharding import ShardingPlan
 

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..lora.peft_io import CONFIG_FILE, AdapterError
+from ..adapters.peft_io import CONFIG_FILE, AdapterError
 
 
 def adapter_dirs(paths: list[Path]) -> list[Path]:
@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ..adapters.peft_io import read_adapter
     from ..checkpoint import resolve_model_config
-    from ..lora.peft_io import read_adapter
     from .compressor import compress_adapters
 
     try:

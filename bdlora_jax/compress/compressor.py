@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..adapters.adapter import LoraAdapter
+from ..adapters.compressed_store import METHODS, CompressedBank, CompressedModule, block_dims
 from ..config import COLUMN_MODULES, ModelConfig
-from ..lora.adapter import LoraAdapter
-from ..lora.compressed_store import METHODS, CompressedBank, CompressedModule, block_dims
 from .joint import jd_diag, jd_full, relative_errors, sigma_diag, sigma_full
 from .problems import Problem, build_problems, target_modules
 

@@ -1,8 +1,8 @@
 """Adapters → one fitting problem per (layer, module, block): stacked, scaled, normalised factors.
 
 Block j of a module is its output slice j (column modules) or input slice j (row modules), as in
-lora.compressed_store.block_dims: device block j of a bdlora layout of `blocks` model blocks, split as
-lora.layout splits any adapter. For a BD-LoRA adapter only the rank slices whose adapter blocks overlap
+adapters.compressed_store.block_dims: device block j of a bdlora layout of `blocks` model blocks, split as
+adapters.layout splits any adapter. For a BD-LoRA adapter only the rank slices whose adapter blocks overlap
 block j are kept, so a 16-rank, 8-block BD-LoRA contributes rank 2 per block when compressed with 8 blocks.
 Ranks are zero-padded to the largest in the collection (padding changes no D_i).
 Each D_ij = s·B·A is normalised to unit Frobenius norm for fitting; its norm is kept to restore it.
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..adapters.adapter import LoraAdapter, ModuleFactors
+from ..adapters.compressed_store import block_dims
+from ..adapters.layout import AdapterLayout
 from ..config import LORA_MODULES, ModelConfig
-from ..lora.adapter import LoraAdapter, ModuleFactors
-from ..lora.compressed_store import block_dims
-from ..lora.layout import AdapterLayout
 
 
 @dataclass(frozen=True)

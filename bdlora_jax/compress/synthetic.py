@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..adapters.adapter import LoraAdapter, ModuleFactors
+from ..adapters.compressed_store import CompressedBank, CompressedModule, block_dims
 from ..config import LORA_MODULES, ModelConfig
-from ..lora.adapter import LoraAdapter, ModuleFactors
-from ..lora.compressed_store import CompressedBank, CompressedModule, block_dims
 
 
 def random_compressed_bank(config: ModelConfig, num_adapters: int, rank: int, clusters: int = 1, blocks: int = 1,

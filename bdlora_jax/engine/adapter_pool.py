@@ -12,10 +12,10 @@ from typing import Iterable
 
 import numpy as np
 
+from ..adapters.adapter import LoraAdapter
+from ..adapters.bank import BankLayout, slot_arrays, write_slot, zeros_bank
+from ..adapters.peft_io import read_adapter
 from ..errors import AdapterConflictError, AdapterNotFoundError, PoolFullError
-from ..lora.adapter import LoraAdapter
-from ..lora.bank import BankLayout, slot_arrays, write_slot, zeros_bank
-from ..lora.peft_io import read_adapter
 from ..sharding import ShardingPlan
 
 

@@ -11,16 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..adapters.adapter import LoraAdapter
+from ..adapters.bank import BankLayout
+from ..adapters.compressed import CompressedServing
+from ..adapters.linear import resolve_lora_impl
+from ..adapters.peft_io import read_adapter
 from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
 from ..config import EngineConfig, ModelConfig
 from ..demo import DEMO_MODEL, is_demo_model, resolve_model_path
 from ..errors import (AdapterConflictError, AdapterNotFoundError, AdapterNotRemovableError, ContextLengthError,
                       InvalidRequestError)
-from ..lora.adapter import LoraAdapter
-from ..lora.bank import BankLayout
-from ..lora.compressed import CompressedServing
-from ..lora.linear import resolve_lora_impl
-from ..lora.peft_io import read_adapter
 from ..mesh import make_mesh
 from ..model.llama import forward
 from ..sharding import make_plan

@@ -14,8 +14,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
+from ..adapters.adapter import LoraAdapter
 from ..errors import AdapterInUseError
-from ..lora.adapter import LoraAdapter
 from .generator import Generator, Request
 from .metrics import ServingMetrics
 

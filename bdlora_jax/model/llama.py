@@ -3,7 +3,7 @@
 One forward serves full-sequence scoring, prefill and one-token decode: tokens (batch, seq) start at
 `start` (batch,) and, when a KV cache is given, are written into it and attend to everything before them.
 Every parameter is an nnx.Param carrying `logical_axes`; the ShardingPlan turns those into placements.
-Linear layers run as shard_map blocks (lora/linear.py) so the adapter collectives are exactly the
+Linear layers run as shard_map blocks (adapters/linear.py) so the adapter collectives are exactly the
 strategy's; attention, norms and embeddings are left to GSPMD.
 """
 
@@ -18,11 +18,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from ..adapters.bank import bank_key
+from ..adapters.linear import LinearSpecs, adapted_linear
+from ..adapters.operands import CompressedOperand, LoraOperand
+from ..adapters.routing import Routing, route_shard
 from ..config import LORA_MODULES, ModelConfig
-from ..lora.bank import bank_key
-from ..lora.linear import LinearSpecs, adapted_linear
-from ..lora.operands import CompressedOperand, LoraOperand
-from ..lora.routing import Routing, route_shard
 from ..sharding import CACHE_AXES, ShardingPlan, compressed_axes, factor_axes, weight_axes
 
 Bank = dict[str, tuple[jax.Array, jax.Array]]
@@ -32,7 +32,7 @@ KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 class AdapterBatch(NamedTuple):
     """The adapter bank, the slot each batch row uses (slot 0 = no adapter), and LoRA dropout when training.
 
-    Optionally a compressed bank (lora/compressed.py: (V, U, Σ) per module it adapts) with each row's cluster
+    Optionally a compressed bank (adapters/compressed.py: (V, U, Σ) per module it adapts) with each row's cluster
     and Σ id (Σ id 0 = no compressed adapter). groups: the distinct bank slots the batch uses, ascending, padded
     with 0; its length bounds the adapter groups of the forward's routing (None: every slot of the bank), so a
     caller that knows its batch uses few adapters gets one factor copy per adapter instead of one per token.

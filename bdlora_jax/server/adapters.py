@@ -6,8 +6,8 @@ from pathlib import Path
 from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 
+from ..adapters.peft_io import read_adapter
 from ..errors import AdapterConflictError, ForbiddenPathError
-from ..lora.peft_io import read_adapter
 from .context import ServerContext, server_context
 from .request_bodies import LoadBody, UnloadBody
 

@@ -2,7 +2,7 @@
 
 K adapters train together, stacked on a leading axis. Per module: A (K, d_in, r) or block-diagonal
 (K, nb, d_in/nb, r/nb); B (K, r, d_out) or block-diagonal (K, nb, r/nb, d_out/nb). `to_bank` places them,
-differentiably, as lora.layout places every adapter, into the strategy's bank layout (slot 0 = zeros, slot k+1 =
+differentiably, as adapters.layout places every adapter, into the strategy's bank layout (slot 0 = zeros, slot k+1 =
 adapter k, scale folded into B), so training runs the very forward pass that serving runs; `export` writes them
 as PEFT adapters.
 """
@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..adapters.adapter import LoraAdapter, ModuleFactors
+from ..adapters.bank import BankLayout, bank_key
+from ..adapters.layout import served_rank
 from ..config import COLUMN_MODULES, ModelConfig
-from ..lora.adapter import LoraAdapter, ModuleFactors
-from ..lora.bank import BankLayout, bank_key
-from ..lora.layout import served_rank
 
 
 @dataclass(frozen=True)

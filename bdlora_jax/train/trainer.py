@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..adapters.bank import BankLayout, bank_specs
+from ..adapters.peft_io import write_adapter
 from ..demo import is_demo_model, resolve_model_path
-from ..lora.bank import BankLayout, bank_specs
-from ..lora.peft_io import write_adapter
 from ..mesh import make_mesh
 from ..model.llama import AdapterBatch, forward
 from ..sharding import make_plan

@@ -6,7 +6,7 @@ Per adapted module (model orientation y = x·W, so the delta is y += x · V · �
 - Σ is (adapters + 1, nbΣ, R/nbΣ, R/nbΣ), row 0 all zeros (rows that use no compressed adapter); under
   bdlora nbΣ = N (one block per device block of the module's block-diagonal factor), else nbΣ = 1.
 A bank of nb blocks is, per cluster, an adapter of rank nb·r_b whose column modules have V over all inputs and
-U in nb output blocks (row modules the reverse), and lora.layout places it like any adapter, Σ along with it:
+U in nb output blocks (row modules the reverse), and adapters.layout places it like any adapter, Σ along with it:
 under replicated / slora one dense block of rank nb·r_b (padded to a multiple of N for slora's rank sharding);
 under bdlora each device block owns nb/N whole compression blocks (N | nb), or, for a dense bank (nb = 1),
 the whole rank r_b.

@@ -1,7 +1,7 @@
 """The device adapter bank: every adapted module's factors stacked over slots, and writing one slot in place.
 
 Slot 0 is all zeros; the factor shapes and how an adapter fills a slot (block slicing, rank padding, dense
-factors under bdlora) are lora.layout's. The scale is folded into B when a slot is written.
+factors under bdlora) are adapters.layout's. The scale is folded into B when a slot is written.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The multi-adapter linear layer y = x·W + Σ operands' per-token deltas under one shard_map, for every strategy.
 
-This module keeps only the shard_map and the strategy's collectives. Each adapter operand (lora/operands.py: the
+This module keeps only the shard_map and the strategy's collectives. Each adapter operand (adapters/operands.py: the
 adapter bank, a compressed bank) brings its arrays, their PartitionSpecs and its per-device delta; the forward's
-routing (lora/routing.py) says which token uses which adapter. What each device holds follows from the
+routing (adapters/routing.py) says which token uses which adapter. What each device holds follows from the
 PartitionSpecs that the strategy's rules table resolves to, and so do the collectives: a rank-sliced x·A that
 meets a full-rank B is all-gathered (S-LoRA column modules), a partial-sum x·A that meets an output-sharded B is
 all-reduced (S-LoRA row modules), and everything else stays local, folding row-parallel partial sums into the
@@ -137,7 +137,7 @@ def adapted_linear(x: jax.Array, w: jax.Array, specs: LinearSpecs, operands: Seq
                    routing: Routing | None = None) -> jax.Array:
     """x (batch, seq, d_in) · w (d_in, d_out) plus each operand's per-token adapter delta, in one shard_map.
 
-    Row-parallel partial sums, adapters' included, end in one psum; routing is the forward's (lora/routing.py).
+    Row-parallel partial sums, adapters' included, end in one psum; routing is the forward's (adapters/routing.py).
     """
     base_output = specs.base_output
     row_parallel = base_output == PARTIAL
