@@ -40,7 +40,7 @@ def test_batched_prefill_writes_the_cache_and_first_tokens_of_one_prompt_per_cal
     prompts = _prompts(batched.model_config.vocab_size)[:4]  # lengths 3..30: buckets 16 and 32
     for eng in (batched, single):
         gen = eng.generator
-        entries = [(row, Request(p, a, SamplingParams(temperature=0.0)), list(eng.resolve([a])[0]) + [0, 0])
+        entries = [(row, Request(p, a, SamplingParams(temperature=0.0, seed=0)), list(eng.resolve([a])[0]) + [0, 0])
                    for row, (p, a) in enumerate(zip(prompts, ADAPTERS))]
         gen._prefill_admitted(entries)
     assert batched.generator.prefill_batches(16)[-1] >= 4  # the four prompts shared calls

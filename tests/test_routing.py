@@ -23,7 +23,7 @@ from bdlora_jax.mesh import MODEL, make_mesh
 from bdlora_jax.model.llama import AdapterBatch, forward, init_cache, init_model, route, slot_groups
 from bdlora_jax.sharding import factor_axes, make_plan, weight_axes
 
-RANK = 16
+RANK = 32
 SLOTS = np.array([2, 0, 1, 3, 2, 1, 0, 3], np.int32)  # BD-LoRA (8 blocks), none, dense rank 4, dense rank 2
 MODULES = ("q_proj", "k_proj", "o_proj", "down_proj")  # column, kv column (replicated on 1x8), row, MLP row
 

@@ -42,7 +42,8 @@ def _each_tile(tiles: jax.Array, slots: jax.Array, step: Callable) -> jax.Array:
     """step(slot, tile) over every tile, one tile at a time: each reads its adapter's factors in place (a dynamic
     index into the bank), where a batched matmul would first copy every tile's factors. Unrolled by UNROLL,
     which measured fastest on CPU (fewer loop steps, no code blow-up)."""
-    return jax.lax.scan(lambda carry, item: (carry, step(*item)), None, (slots, tiles), unroll=UNROLL)[1]
+    unroll = UNROLL if slots.shape[0] > 2 * UNROLL else 1  # many small tiles (decode): unrolled; few: compiles less
+    return jax.lax.scan(lambda carry, item: (carry, step(*item)), None, (slots, tiles), unroll=unroll)[1]
 
 
 def grouped_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing, a_block: bool, b_block: bool,

@@ -22,7 +22,7 @@ from ..errors import AdapterError, PoolFullError
 from .sampler import SamplingParams, row_keys, sample
 
 MIN_BUCKET = 16
-MAX_PREFILL_TOKENS = 4096  # tokens of one batched prefill call (prompts x bucket), unless one prompt needs more
+MAX_PREFILL_TOKENS = 512  # tokens of one batched prefill call (prompts x bucket), unless one prompt needs more
 _ids = itertools.count()
 
 
@@ -40,12 +40,19 @@ def _sample(logits: jax.Array, sampling: tuple[jax.Array, jax.Array]) -> jax.Arr
     return sample(logits, floats[0], floats[1], ints[0], row_keys(ints[1], ints[2]))
 
 
-def powers_of_four(low: int, high: int) -> list[int]:
-    """low, 4·low, 16·low, ... below high, then high: the sizes a batch dimension is padded to (few compiles)."""
+def _insert(cache, prompt_cache, rows):
+    """Copy each prefilled row into its decode row of every layer's cache (a row index past the end: skipped)."""
+    length = jax.tree.leaves(prompt_cache)[0].shape[2]
+    return jax.tree.map(lambda full, new: full.at[rows, :, :length].set(new, mode="drop"), cache, prompt_cache)
+
+
+def geometric_sizes(low: int, high: int, factor: int) -> list[int]:
+    """low, factor·low, factor²·low, ... below high, then high: the sizes a batch dimension is padded to, so a
+    handful of shapes (and compiles) cover every count."""
     sizes, n = [], low
     while n < high:
         sizes.append(n)
-        n *= 4
+        n *= factor
     return sizes + [high]
 
 
@@ -117,10 +124,9 @@ class Generator:
         self.cache = init_cache(cfg, plan, self.rows, self.max_seq_len, dtype)
         self._cache_dtype = dtype
         self.max_loras = engine.config.max_loras
-        self.prefill_sizes = powers_of_four(data, self.rows)
-        self.group_sizes = powers_of_four(1, max(1, min(self.max_loras, self.rows)))
-        self._prefill_jit = jax.jit(self._prefill_fn)
-        self._insert_jit = jax.jit(self._insert_fn, donate_argnums=(0,))
+        self.prefill_sizes = geometric_sizes(data, self.rows, 4)
+        self.group_sizes = geometric_sizes(1, max(1, min(self.max_loras, self.rows)), 2)
+        self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self._decode_jit = jax.jit(self._decode_fn, donate_argnums=(1,))
         self._decode_base_jit = jax.jit(self._decode_base_fn, donate_argnums=(1,))
         self.waiting: deque[Request] = deque()
@@ -135,25 +141,19 @@ class Generator:
         sizes = [n for n in self.prefill_sizes if n * length_bucket <= MAX_PREFILL_TOKENS]
         return sizes or self.prefill_sizes[:1]
 
-    def _prefill_fn(self, state, bank, compressed, tokens, lengths, ids, groups, sampling):
-        """Run a batch of prompts (rows padded to their length bucket) and sample each first token from its last
-        real position; the KV cache is the bucket's length, copied into decode rows by `_insert`.
+    def _prefill_fn(self, state, cache, bank, compressed, tokens, lengths, ids, groups, sampling, rows):
+        """Run a batch of prompts (padded to their length bucket), insert their KV into decode rows `rows` of the
+        (donated) decode cache, and sample each first token from its last real position; one compile per shape.
 
         ids = per-row (slots, clusters, Σ ids); groups = the distinct slots in use (see AdapterBatch)."""
         cfg = self.engine.model_config
-        rows, length = tokens.shape
-        zeros = jnp.zeros(cache_shape(cfg, rows, length), self._cache_dtype)
-        cache = tuple((zeros, zeros) for _ in range(cfg.num_layers))
-        logits, cache = forward(self.engine.graphdef, state, tokens, jnp.zeros((rows,), jnp.int32), cache,
-                                adapter_batch(bank, compressed, *ids, groups))
+        prompts, length = tokens.shape
+        zeros = jnp.zeros(cache_shape(cfg, prompts, length), self._cache_dtype)
+        prompt_cache = tuple((zeros, zeros) for _ in range(cfg.num_layers))
+        logits, prompt_cache = forward(self.engine.graphdef, state, tokens, jnp.zeros((prompts,), jnp.int32),
+                                       prompt_cache, adapter_batch(bank, compressed, *ids, groups))
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return _sample(last, sampling), cache
-
-    @staticmethod
-    def _insert_fn(cache, prefill_cache, rows):
-        """Copy each prefilled row into its decode row of every layer's cache (a row index past the end: skipped)."""
-        length = jax.tree.leaves(prefill_cache)[0].shape[2]
-        return jax.tree.map(lambda full, new: full.at[rows, :, :length].set(new, mode="drop"), cache, prefill_cache)
+        return _sample(last, sampling), _insert(cache, prompt_cache, rows)
 
     def _decode_fn(self, state, cache, bank, compressed, tokens, positions, ids, groups, sampling):
         """One token for every row: write its KV at its position, attend, sample the next token.
@@ -301,11 +301,10 @@ class Generator:
             tokens[i, :len(request.prompt)] = request.prompt
             lengths[i], ids[:, i], rows[i] = len(request.prompt), request_ids, row
         params = [request.params for _, request, _ in chunk] + [_IDLE] * (size - len(chunk))
-        first, prefill_cache = self._prefill_jit(self.engine.state, self.engine.pool.bank, self.engine.compressed_arrays,
-                                             tokens, lengths, ids,
-                                             slot_groups(ids[0], min(size, max(self.max_loras, 1))),
-                                             self._sampling(params, [0] * size))
-        self.cache = self._insert_jit(self.cache, prefill_cache, rows)
+        first, self.cache = self._prefill_jit(self.engine.state, self.cache, self.engine.pool.bank,
+                                              self.engine.compressed_arrays, tokens, lengths, ids,
+                                              slot_groups(ids[0], min(size, max(self.max_loras, 1))),
+                                              self._sampling(params, [0] * size), rows)
         first = np.asarray(first)
         for i, (row, request, _) in enumerate(chunk):
             self.tokens[row], self.positions[row] = first[i], len(request.prompt)
