@@ -80,7 +80,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
     from safetensors import safe_open
 
     with safe_open(str(single), framework="flax") as f:
-        return {key: single for key in f.keys()}
+        return {key: single for key in f.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 def _hf_name(path: tuple, config: ModelConfig) -> tuple[str, bool]:

@@ -7,8 +7,8 @@ modules' B and the row modules' A block-diagonally); the model code is the same 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 

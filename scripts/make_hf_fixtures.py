@@ -180,9 +180,7 @@ def check_bd_packing(adapter_dir, nblocks, r):
     for key, t in tensors.items():
         module = key.split(".")[-3]
         base_shape = dense_lora_shape(module, "lora_A" in key, r)
-        if module in BD_A_MODULES and "lora_A" in key:
-            expected = (base_shape[0], base_shape[1] // nblocks)
-        elif module in BD_B_MODULES and "lora_B" in key:
+        if module in BD_A_MODULES and "lora_A" in key or module in BD_B_MODULES and "lora_B" in key:
             expected = (base_shape[0], base_shape[1] // nblocks)
         else:
             expected = base_shape

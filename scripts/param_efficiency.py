@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 from bdlora_jax.bench.demo_accuracy import demo_accuracy
+from bdlora_jax.checkpoint import load_model_config
 from bdlora_jax.config import COLUMN_MODULES, LORA_MODULES, ModelConfig
 from bdlora_jax.demo import MODEL_DIR
 from bdlora_jax.demo.tasks import ADAPTER_TASKS, write_datasets
-from bdlora_jax.checkpoint import load_model_config
 from bdlora_jax.train.config import TrainConfig
 from bdlora_jax.train.trainer import Trainer
 

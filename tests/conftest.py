@@ -13,13 +13,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from helpers import FIXTURES, GOOD, assert_serves, make_engine  # noqa: E402
+import numpy as np
+import pytest
+from helpers import FIXTURES, GOOD, assert_serves, make_engine
 
-from bdlora_jax.checkpoint import load_model_config  # noqa: E402
+from bdlora_jax.checkpoint import load_model_config
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from helpers import ATOL, GOOD, assert_serves, make_engine, prompts
 
 from bdlora_jax.errors import PoolFullError
 
-
 # ---------------------------------------------------------------------------------- registry errors
 
 

@@ -12,7 +12,6 @@ from helpers import ATOL, GOOD, assert_serves, copy_adapter, make_engine, prompt
 
 from bdlora_jax.errors import AdapterError
 
-
 # ----------------------------------------------------------------------------- rank > max_lora_rank
 
 

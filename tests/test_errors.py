@@ -21,10 +21,24 @@ from bdlora_jax.adapters.peft_io import read_adapter
 from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.engine.sampler import SamplingParams
 from bdlora_jax.engine.scheduler import Scheduler
-from bdlora_jax.errors import (AdapterConflictError, AdapterError, AdapterInUseError, AdapterNotFoundError,
-                               AdapterNotRemovableError, AuthenticationError, BdloraError, ContextLengthError,
-                               ForbiddenPathError, InvalidRequestError, MalformedBodyError, ModelNotFoundError,
-                               MultiplePromptsError, PoolFullError, RequestFailedError, RequestTooLargeError)
+from bdlora_jax.errors import (
+    AdapterConflictError,
+    AdapterError,
+    AdapterInUseError,
+    AdapterNotFoundError,
+    AdapterNotRemovableError,
+    AuthenticationError,
+    BdloraError,
+    ContextLengthError,
+    ForbiddenPathError,
+    InvalidRequestError,
+    MalformedBodyError,
+    ModelNotFoundError,
+    MultiplePromptsError,
+    PoolFullError,
+    RequestFailedError,
+    RequestTooLargeError,
+)
 from bdlora_jax.server import MAX_BODY_BYTES, create_app
 from bdlora_jax.server.error_mapping import ERROR_KINDS, error_body, error_kind
 
@@ -39,8 +53,8 @@ CASES = [
      (400, "invalid_request_error", None, "invalid field 'top_p': top_p must be in (0, 1], got 2.0")),
     (ContextLengthError(30, 5, 32, "prompt of 30 tokens + max_tokens=5 exceeds max_seq_len=32"),
      {"field": "max_tokens", "prompt_tokens": 30, "max_tokens": 5, "max_seq_len": 32}, ValueError,
-     (400, "invalid_request_error", "context_length_exceeded", "prompt of 30 tokens + max_tokens=5 exceeds "
-                                                               "max_seq_len=32")),
+     (400, "invalid_request_error", "context_length_exceeded", ("prompt of 30 tokens + max_tokens=5 exceeds "
+                                                               "max_seq_len=32"))),
     (MultiplePromptsError(), {"field": "prompt"}, ValueError,
      (400, "invalid_request_error", "multiple_prompts", "only one prompt per request is supported")),
     (MalformedBodyError("JSON decode error"), {"field": "body", "detail": "JSON decode error"}, ValueError,

@@ -19,9 +19,17 @@ import pytest
 from bdlora_jax.bench.lora_timing import ModuleShape, layer_inputs, local_shapes, methods, token_slots
 from bdlora_jax.config import load_model_config_yaml
 from bdlora_jax.configs import CONFIGS_DIR
-from bdlora_jax.kernels import (TileConfig, bgmv_expand, bgmv_shrink, group_by_slot, heuristic_config, reference,
-                                sgmv_expand, sgmv_shrink)
-from bdlora_jax.kernels import work_items
+from bdlora_jax.kernels import (
+    TileConfig,
+    bgmv_expand,
+    bgmv_shrink,
+    group_by_slot,
+    heuristic_config,
+    reference,
+    sgmv_expand,
+    sgmv_shrink,
+    work_items,
+)
 
 EPS32 = float(np.finfo(np.float32).eps)
 SMALL_TILES = TileConfig(block_m=16, block_n=16, block_k=16)  # several tiles and loop steps even at test sizes

@@ -93,7 +93,7 @@ def _ref_to_bank(factors, spec: AdapterSpec, layout: BankLayout):
     """The trainer's former to_bank."""
     n = layout.model_blocks
     bank = {}
-    for layer, module in layout.keys():
+    for layer, module in layout.module_keys():
         key = bank_key(layer, module)
         (a_shape, _), (b_shape, _) = layout.factor_shapes(module)
         if key not in factors:

@@ -503,7 +503,7 @@ def test_unload_adapter_of_waiting_request(app, scheduler, adapter_dirs, monkeyp
 
     async def go():
         async with client(app) as c:
-            gate, held, _ = pause(scheduler)  # nothing runs until the gate opens
+            gate, _held, _ = pause(scheduler)  # nothing runs until the gate opens
             request = asyncio.create_task(c.post("/v1/completions", json={
                 "model": "queued", "prompt": "Wait for me", "max_tokens": 4, "temperature": 0}))
             await until(lambda: scheduler.counts()[1] == 1, "the request to be queued")
@@ -534,7 +534,7 @@ def test_request_whose_adapter_vanished_fails_alone(app, scheduler):
 
     async def go():
         async with client(app) as c:
-            gate, held, _ = pause(scheduler)
+            gate, _held, _ = pause(scheduler)
             good = asyncio.create_task(c.post("/v1/completions", json={
                 "model": SERVED, "prompt": "Beside it", "max_tokens": 6, "temperature": 0}))
             await until(lambda: scheduler.counts()[1] == 1, "the good request to be queued")
@@ -633,7 +633,7 @@ def test_seeded_sampling_is_reproducible(app):
 def test_metrics(app, scheduler):
     before = settled_metrics(app, scheduler)
     for name in METRIC_NAMES:
-        assert any(key == name or key.startswith(name + "_") or key.startswith(name + "{") for key in before), name
+        assert any(key == name or key.startswith((name + "_", name + "{")) for key in before), name
     assert before["bdlora_requests_running"] == 0 and before["bdlora_requests_waiting"] == 0
     assert before["bdlora_adapters_registered"] == len(model_ids(app)) - 1
     greedy(app, SERVED, "Count these", max_tokens=7)

@@ -75,7 +75,7 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def wait_healthy(self) -> "Server":
+    def wait_healthy(self) -> Server:
         deadline = time.monotonic() + START_TIMEOUT
         retried = False
         while not self.healthy:

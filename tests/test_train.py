@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import FIXTURES
 
 from bdlora_jax import Engine
 from bdlora_jax.adapters.bank import slot_arrays
@@ -15,7 +16,6 @@ from bdlora_jax.train.__main__ import load_config
 from bdlora_jax.train.config import TrainConfig
 from bdlora_jax.train.factors import export, to_bank
 from bdlora_jax.train.trainer import Trainer
-from helpers import FIXTURES
 
 MODEL = str(FIXTURES / "model")  # 2 layers, hidden 64, 4 kv heads (replicated on 1x8): quick to compile
 
@@ -166,5 +166,5 @@ def test_shipped_training_config_reads_with_its_data_command(tmp_path):
     cfg = load_config(root / "configs" / "train" / "demo_tasks.yaml", ["steps=2"])
     assert (cfg.kind, cfg.nblocks, set(cfg.adapters), cfg.steps) == ("bdlora", 8, {"reverse", "double"}, 2)
     paths = write_datasets(tmp_path, n=5, tasks=tuple(cfg.adapters))
-    assert [json.loads(line)["completion"] for line in paths["reverse"].read_text().splitlines()][0] == \
+    assert next(json.loads(line)["completion"] for line in paths["reverse"].read_text().splitlines()) == \
         json.loads(paths["reverse"].read_text().splitlines()[0])["prompt"][:-1][::-1]

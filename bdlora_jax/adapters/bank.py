@@ -36,7 +36,7 @@ class BankLayout:
     dtype: str = "float32"
 
     @classmethod
-    def for_plan(cls, config: ModelConfig, plan: ShardingPlan, max_loras: int, max_rank: int, dtype: str) -> "BankLayout":
+    def for_plan(cls, config: ModelConfig, plan: ShardingPlan, max_loras: int, max_rank: int, dtype: str) -> BankLayout:
         return cls(config, max_loras + 1, max_rank, plan.model_size, plan.block_factors, dtype)
 
     @property
@@ -48,14 +48,14 @@ class BankLayout:
         """((A shape, A logical axes), (B shape, B logical axes)) of one module, slot dim first."""
         return self.adapter_layout.factor_shapes(module, self.num_slots)
 
-    def keys(self) -> list[tuple[int, str]]:
+    def module_keys(self) -> list[tuple[int, str]]:
         return [(layer, module) for layer in range(self.config.num_layers) for module in LORA_MODULES]
 
 
 def bank_specs(layout: BankLayout, plan: ShardingPlan) -> dict[str, tuple]:
     """PartitionSpecs of every factor, keyed like the bank."""
     out = {}
-    for layer, module in layout.keys():
+    for layer, module in layout.module_keys():
         (_, a_axes), (_, b_axes) = layout.factor_shapes(module)
         out[bank_key(layer, module)] = (plan.spec(a_axes), plan.spec(b_axes))
     return out
@@ -64,7 +64,7 @@ def bank_specs(layout: BankLayout, plan: ShardingPlan) -> dict[str, tuple]:
 def abstract_bank(layout: BankLayout, plan: ShardingPlan) -> dict[str, tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]]:
     """Shapes, dtypes and shardings of the bank without allocating it (for compiling from abstract shapes)."""
     out = {}
-    for layer, module in layout.keys():
+    for layer, module in layout.module_keys():
         (a_shape, a_axes), (b_shape, b_axes) = layout.factor_shapes(module)
         out[bank_key(layer, module)] = (
             jax.ShapeDtypeStruct(a_shape, jnp.dtype(layout.dtype), sharding=plan.sharding(a_axes)),
@@ -86,7 +86,7 @@ def slot_arrays(adapter: LoraAdapter, layout: BankLayout) -> dict[str, tuple[np.
         raise AdapterError(f"adapter {adapter.name!r}: rank {adapter.rank} exceeds max_lora_rank={layout.max_rank}")
     placement = layout.adapter_layout
     out = {}
-    for layer, module in layout.keys():
+    for layer, module in layout.module_keys():
         factors = adapter.modules.get((layer, module))
         if factors is None:
             (a_shape, _), (b_shape, _) = layout.factor_shapes(module)

@@ -47,12 +47,11 @@ class CompressedLayout:
     def for_bank(cls, bank: CompressedBank, config: ModelConfig, plan: ShardingPlan, where: str) -> CompressedLayout:
         """The layout serving `bank` (from directory `where`) on `plan`; a bank that cannot be served raises."""
         n, nb, rb = plan.model_size, bank.blocks, bank.rank_per_block
-        if plan.block_factors:
-            if nb % n and nb != 1:
-                raise CompressedBankError(
-                    f"compressed bank {where}: blocks={nb} on mesh {'x'.join(map(str, plan.mesh.devices.shape))} "
-                    f"(model axis {n}) under strategy 'bdlora': each device must own whole blocks, so the model "
-                    f"axis must divide {nb} (or the bank must be dense, blocks=1); or use 'replicated' or 'slora'")
+        if plan.block_factors and nb % n and nb != 1:
+            raise CompressedBankError(
+                f"compressed bank {where}: blocks={nb} on mesh {'x'.join(map(str, plan.mesh.devices.shape))} "
+                f"(model axis {n}) under strategy 'bdlora': each device must own whole blocks, so the model "
+                f"axis must divide {nb} (or the bank must be dense, blocks=1); or use 'replicated' or 'slora'")
         rank = served_rank(nb * rb, nb, plan.block_factors, n)
         if not plan.block_factors and plan.strategy != "replicated":
             rank = -(-rank // n) * n

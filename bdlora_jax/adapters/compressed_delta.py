@@ -6,7 +6,7 @@ Tokens come in the routing's cluster order (tokens without a compressed adapter 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -252,7 +252,7 @@ def load_compressed_bank(path: str | Path, config: ModelConfig) -> CompressedBan
                 modules[(layer, module)] = CompressedModule(arrays["U"], arrays["V"], arrays["sigma"], errors)
     except CompressedBankError:
         raise
-    except Exception as e:  # safetensors raises several error types for corrupt files
+    except Exception as e:  # noqa: BLE001 - safetensors raises several error types for corrupt files
         raise CompressedBankError(f"{tensors_path}: cannot read safetensors ({e})") from None
     return CompressedBank(tuple(names), np.asarray(ids, np.int32), method, rank, blocks, modules, tuple(sources),
                           manifest.get("base_model"), manifest.get("fit"))

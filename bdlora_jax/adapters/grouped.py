@@ -8,7 +8,7 @@ per-tile copy of the factors); a token without an adapter is in no tile and gets
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -10,8 +10,9 @@ base model's one all-reduce.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp

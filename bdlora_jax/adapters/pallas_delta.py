@@ -7,7 +7,7 @@ kernels' block-diagonal layout.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

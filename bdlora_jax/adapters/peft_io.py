@@ -130,8 +130,8 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
 
     try:
         with safe_open(str(weights), framework="flax") as f:
-            return {key: np.asarray(f.get_tensor(key), dtype=np.float32) for key in f.keys()}
-    except Exception as e:  # safetensors raises several error types for corrupt files
+            return {key: np.asarray(f.get_tensor(key), dtype=np.float32) for key in f.keys()}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001 - safetensors raises several error types for corrupt files
         raise AdapterError(f"{weights}: cannot read safetensors ({e})", path=weights) from None
 
 

@@ -9,8 +9,8 @@ import argparse
 import json
 import random
 import string
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def caesar(text: str, shift: int = 3) -> str:

@@ -7,8 +7,8 @@ from disk whenever it is loaded into a slot, so thousands of registered adapters
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +19,13 @@ from ..adapters.peft_io import read_adapter
 from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
 from ..config import EngineConfig, ModelConfig
 from ..demo import DEMO_MODEL, is_demo_model, resolve_model_path
-from ..errors import (AdapterConflictError, AdapterNotFoundError, AdapterNotRemovableError, ContextLengthError,
-                      InvalidRequestError)
+from ..errors import (
+    AdapterConflictError,
+    AdapterNotFoundError,
+    AdapterNotRemovableError,
+    ContextLengthError,
+    InvalidRequestError,
+)
 from ..mesh import make_mesh
 from ..model.llama import forward
 from ..sharding import make_plan

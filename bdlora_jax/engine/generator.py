@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model.llama import AdapterBatch, cache_shape, forward, init_cache, slot_groups
 from ..errors import AdapterError, PoolFullError
+from ..model.llama import AdapterBatch, cache_shape, forward, init_cache, slot_groups
 from .sampler import SamplingParams, row_keys, sample
 
 MIN_BUCKET = 16
@@ -82,7 +82,7 @@ class Request:
     prompt: list[int]
     adapter: str | None
     params: SamplingParams
-    on_token: Callable[["Request", int], None] | None = None
+    on_token: Callable[[Request, int], None] | None = None
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
@@ -325,9 +325,9 @@ class Generator:
         self.generated_tokens += 1
         params = request.params
         tokenizer = self.engine.tokenizer
-        if request.output[-1] in params.stop_token_ids:
-            request.finish_reason = "stop"
-        elif params.stop and tokenizer is not None and any(s in tokenizer.decode(request.output) for s in params.stop):
+        stop_string = bool(params.stop) and tokenizer is not None and any(
+            s in tokenizer.decode(request.output) for s in params.stop)
+        if request.output[-1] in params.stop_token_ids or stop_string:
             request.finish_reason = "stop"
         elif len(request.output) >= params.max_tokens:
             request.finish_reason = "length"

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..adapters.adapter import LoraAdapter
 from ..errors import AdapterInUseError
@@ -134,7 +135,7 @@ class Scheduler:
             self._finish(self._take_inbox())
             try:
                 future.set_result(fn())
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failure goes to the caller waiting on the future
                 future.set_exception(e)
 
     def _fail_in_flight(self) -> list[Request]:

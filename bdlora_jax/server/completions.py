@@ -11,8 +11,14 @@ from fastapi.responses import StreamingResponse
 
 from ..engine.generator import Request
 from ..engine.sampler import SamplingParams
-from ..errors import (BdloraError, ContextLengthError, InvalidRequestError, ModelNotFoundError,
-                      MultiplePromptsError, RequestFailedError)
+from ..errors import (
+    BdloraError,
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    MultiplePromptsError,
+    RequestFailedError,
+)
 from .context import ServerContext, server_context
 from .error_mapping import error_body
 from .request_bodies import CompletionBody

@@ -5,19 +5,33 @@ the row of its nearest class in ERROR_KINDS as {"error": {"message", "type", "co
 what a row shows beyond the message comes from the error's attributes.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import (AdapterConflictError, AdapterError, AdapterInUseError, AdapterNotFoundError,
-                      AdapterNotRemovableError, AuthenticationError, BdloraError, ContextLengthError,
-                      ForbiddenPathError, InvalidRequestError, MalformedBodyError, ModelNotFoundError,
-                      MultiplePromptsError, RequestFailedError, RequestTooLargeError)
+from ..errors import (
+    AdapterConflictError,
+    AdapterError,
+    AdapterInUseError,
+    AdapterNotFoundError,
+    AdapterNotRemovableError,
+    AuthenticationError,
+    BdloraError,
+    ContextLengthError,
+    ForbiddenPathError,
+    InvalidRequestError,
+    MalformedBodyError,
+    ModelNotFoundError,
+    MultiplePromptsError,
+    RequestFailedError,
+    RequestTooLargeError,
+)
 
 INVALID_REQUEST = "invalid_request_error"
 

@@ -56,7 +56,7 @@ def read_jsonl(path: str | Path, tokenizer, bos: int | None, eos: int | None, ma
 def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """A deterministic held-out split (at least one example each side when eval_fraction > 0)."""
     order = np.random.default_rng(seed).permutation(len(examples))
-    n_eval = int(round(eval_fraction * len(examples)))
+    n_eval = round(eval_fraction * len(examples))
     if eval_fraction > 0:
         n_eval = min(max(n_eval, 1), len(examples) - 1)
     held = [examples[i] for i in order[:n_eval]]

@@ -85,7 +85,7 @@ def to_bank(factors: dict, spec: AdapterSpec, layout: BankLayout) -> dict[str, t
     """The bank (slot 0 zeros, then the K adapters) these factors serve as under the layout's strategy."""
     placement, dtype = layout.adapter_layout, jnp.dtype(layout.dtype)
     bank = {}
-    for layer, module in layout.keys():
+    for layer, module in layout.module_keys():
         key = bank_key(layer, module)
         (a_shape, _), (b_shape, _) = layout.factor_shapes(module)
         if key not in factors:
