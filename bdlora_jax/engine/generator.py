@@ -34,8 +34,10 @@ def adapter_batch(bank, compressed: dict | None, slots, clusters, sigma_ids, gro
     return AdapterBatch(bank, slots, compressed=compressed, clusters=clusters, sigma_ids=sigma_ids, groups=groups)
 
 
+@jax.jit
 def _sample(logits: jax.Array, sampling: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """The sampler on per-row (temperature, top_p) floats and (top_k, seed, step) ints, keys made on the device."""
+    """The sampler on per-row (temperature, top_p) floats and (top_k, seed, step) ints, keys made on the device;
+    its own jitted call (compiled once per row count) rather than a part of every prefill and decode variant."""
     floats, ints = sampling
     return sample(logits, floats[0], floats[1], ints[0], row_keys(ints[1], ints[2]))
 
@@ -141,9 +143,9 @@ class Generator:
         sizes = [n for n in self.prefill_sizes if n * length_bucket <= MAX_PREFILL_TOKENS]
         return sizes or self.prefill_sizes[:1]
 
-    def _prefill_fn(self, state, cache, bank, compressed, tokens, lengths, ids, groups, sampling, rows):
+    def _prefill_fn(self, state, cache, bank, compressed, tokens, lengths, ids, groups, rows):
         """Run a batch of prompts (padded to their length bucket), insert their KV into decode rows `rows` of the
-        (donated) decode cache, and sample each first token from its last real position; one compile per shape.
+        (donated) decode cache, and return the logits of each prompt's last real position; one compile per shape.
 
         ids = per-row (slots, clusters, Σ ids); groups = the distinct slots in use (see AdapterBatch)."""
         cfg = self.engine.model_config
@@ -153,20 +155,20 @@ class Generator:
         logits, prompt_cache = forward(self.engine.graphdef, state, tokens, jnp.zeros((prompts,), jnp.int32),
                                        prompt_cache, adapter_batch(bank, compressed, *ids, groups))
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return _sample(last, sampling), _insert(cache, prompt_cache, rows)
+        return last, _insert(cache, prompt_cache, rows)
 
-    def _decode_fn(self, state, cache, bank, compressed, tokens, positions, ids, groups, sampling):
-        """One token for every row: write its KV at its position, attend, sample the next token.
+    def _decode_fn(self, state, cache, bank, compressed, tokens, positions, ids, groups):
+        """One token for every row: write its KV at its position, attend, return the next-token logits.
 
         ids = per-row (slots, clusters, Σ ids); groups = the distinct slots in use (see AdapterBatch)."""
         logits, cache = forward(self.engine.graphdef, state, tokens[:, None], positions, cache,
                                 adapter_batch(bank, compressed, *ids, groups))
-        return _sample(logits[:, 0], sampling), cache
+        return logits[:, 0], cache
 
-    def _decode_base_fn(self, state, cache, tokens, positions, sampling):
+    def _decode_base_fn(self, state, cache, tokens, positions):
         """`_decode_fn` for a step in which no row uses an adapter: the base model alone."""
         logits, cache = forward(self.engine.graphdef, state, tokens[:, None], positions, cache)
-        return _sample(logits[:, 0], sampling), cache
+        return logits[:, 0], cache
 
     def groups(self, slots) -> jax.Array:
         """The distinct slots in use, padded with 0 to the next compiled group count."""
@@ -265,15 +267,14 @@ class Generator:
             array[list(plan.decode_rows)] = values
         params = [self.running[i].params if i in self.running else _IDLE for i in range(self.rows)]
         steps = [len(self.running[i].output) if i in self.running else 0 for i in range(self.rows)]
-        sampling = self._sampling(params, steps)
         tokens, positions = self.tokens, self.positions
         if not ids[0].any() and not ids[2].any():
-            new, self.cache = self._decode_base_jit(self.engine.state, self.cache, tokens, positions, sampling)
-            return new
-        new, self.cache = self._decode_jit(self.engine.state, self.cache, self.engine.pool.bank,
-                                       self.engine.compressed_arrays, tokens, positions,
-                                       ids, self.groups(ids[0]), sampling)
-        return new
+            logits, self.cache = self._decode_base_jit(self.engine.state, self.cache, tokens, positions)
+        else:
+            logits, self.cache = self._decode_jit(self.engine.state, self.cache, self.engine.pool.bank,
+                                                  self.engine.compressed_arrays, tokens, positions, ids,
+                                                  self.groups(ids[0]))
+        return _sample(logits, self._sampling(params, steps))
 
     def _prefill_admitted(self, admitted: list[tuple[int, Request, list[int]]]) -> list[tuple[int, Request]]:
         """Prefill admitted (row, request, (slot, cluster, Σ id)) in batched calls, one length bucket at a time,
@@ -301,11 +302,10 @@ class Generator:
             tokens[i, :len(request.prompt)] = request.prompt
             lengths[i], ids[:, i], rows[i] = len(request.prompt), request_ids, row
         params = [request.params for _, request, _ in chunk] + [_IDLE] * (size - len(chunk))
-        first, self.cache = self._prefill_jit(self.engine.state, self.cache, self.engine.pool.bank,
-                                              self.engine.compressed_arrays, tokens, lengths, ids,
-                                              slot_groups(ids[0], min(size, max(self.max_loras, 1))),
-                                              self._sampling(params, [0] * size), rows)
-        first = np.asarray(first)
+        last, self.cache = self._prefill_jit(self.engine.state, self.cache, self.engine.pool.bank,
+                                             self.engine.compressed_arrays, tokens, lengths, ids,
+                                             slot_groups(ids[0], min(size, max(self.max_loras, 1))), rows)
+        first = np.asarray(_sample(last, self._sampling(params, [0] * size)))
         for i, (row, request, _) in enumerate(chunk):
             self.tokens[row], self.positions[row] = first[i], len(request.prompt)
 
