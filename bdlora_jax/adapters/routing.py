@@ -48,7 +48,7 @@ def tile_size(tokens: int, groups: int) -> int:
 
 def tile_count(tokens: int, groups: int, tile: int) -> int:
     """Tiles that hold any split of `tokens` tokens into `groups` groups, each group padded to whole tiles."""
-    return min(tokens, -(-tokens // tile) + groups - 1) if tile == 1 else -(-tokens // tile) + groups - 1
+    return tokens if tile == 1 else -(-tokens // tile) + groups - 1
 
 
 def _tiles(token_group: jax.Array, groups: jax.Array, order: jax.Array, sizes: jax.Array):
