@@ -1,4 +1,5 @@
-"""A byte-level tokenizer (ids 0..255 are the bytes, then <s>, </s>, <pad>) built with `tokenizers`, for the demo."""
+"""A byte-level tokenizer (ids 0..255 are the bytes, then <s>, </s>, <pad>) built with `tokenizers`, for the demo,
+and the tokenizer_config.json (special tokens, chat template) written beside it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 BOS, EOS, PAD = 256, 257, 258
 SPECIAL_TOKENS = {"<s>": BOS, "</s>": EOS, "<pad>": PAD}
+# Each message as "<|role|>\ncontent</s>\n" after one <s>; the generation prompt opens an assistant message.
+DEMO_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles must be system, user or assistant') }}"
+    "{% endif %}"
+    "{{ bos_token if loop.first else '' }}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -29,3 +40,9 @@ def byte_level_tokenizer() -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     return tokenizer
+
+
+def demo_tokenizer_config() -> dict:
+    """tokenizer_config.json of the demo model: its special tokens and its chat template."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+            "model_max_length": 2048, "chat_template": DEMO_CHAT_TEMPLATE}

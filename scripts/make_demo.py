@@ -32,7 +32,7 @@ from bdlora_jax.demo.tasks import examples, write_datasets
 from bdlora_jax.mesh import make_mesh
 from bdlora_jax.model.llama import forward, init_model
 from bdlora_jax.sharding import make_plan
-from bdlora_jax.tokenizer import BOS, EOS, PAD, byte_level_tokenizer
+from bdlora_jax.tokenizer import BOS, EOS, PAD, byte_level_tokenizer, demo_tokenizer_config
 from bdlora_jax.train.config import TrainConfig
 from bdlora_jax.train.data import Example, pad_batch
 from bdlora_jax.train.trainer import Trainer
@@ -114,6 +114,7 @@ def main() -> None:
     state = pretrain_base(args.base_steps, batch=64)
     save_hf_checkpoint(DEMO_MODEL, state, args.out / "model")
     byte_level_tokenizer().save(str(args.out / "model" / "tokenizer.json"))
+    (args.out / "model" / "tokenizer_config.json").write_text(json.dumps(demo_tokenizer_config(), indent=2) + "\n")
     with tempfile.TemporaryDirectory() as work:
         train_adapters(args.out / "model", Path(work), args.out, args.adapter_steps)
     from bdlora_jax.bench.demo_accuracy import demo_accuracy

@@ -16,6 +16,7 @@ from ..adapters.bank import BankLayout
 from ..adapters.compressed import CompressedServing
 from ..adapters.linear import resolve_lora_impl
 from ..adapters.peft_io import read_adapter
+from ..chat_template import ChatTemplate, load_chat_template
 from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
 from ..config import EngineConfig, ModelConfig
 from ..demo import DEMO_MODEL, is_demo_model, resolve_model_path
@@ -42,13 +43,14 @@ class Engine:
     """
 
     def __init__(self, model_config: ModelConfig, params, engine_config: EngineConfig, tokenizer=None, plan=None,
-                 compressed: CompressedServing | None = None):
+                 compressed: CompressedServing | None = None, chat_template: ChatTemplate | None = None):
         self.model_config = model_config
         self.config = engine_config
         self.plan = plan or make_plan(make_mesh(engine_config.mesh), engine_config.strategy, model_config,
                                       engine_config.max_lora_rank)
         self.graphdef, self.state = params
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         layout = BankLayout.for_plan(model_config, self.plan, engine_config.max_loras, engine_config.max_lora_rank,
                                      engine_config.dtype)
         self.pool = AdapterPool(layout, self.plan)
@@ -87,7 +89,7 @@ class Engine:
             compressed = CompressedServing.from_directory(compressed_bank, model_config, plan, dtype)
         model_lora_impl = resolve_lora_impl(lora_impl, plan.mesh.devices.flat[0].platform)
         params = load_hf_params(path, model_config, plan, jnp.dtype(dtype), lora_impl=model_lora_impl)
-        return cls(model_config, params, config, tokenizer, plan, compressed)
+        return cls(model_config, params, config, tokenizer, plan, compressed, load_chat_template(path))
 
     @property
     def adapters(self) -> list[str]:
