@@ -251,7 +251,7 @@ BAD_COMPLETIONS = [
     ("top_p-negative", {"model": SERVED, "prompt": "Hi", "top_p": -0.1}, 400, ["top_p", "-0.1"]),
     ("top_k-negative", {"model": SERVED, "prompt": "Hi", "top_k": -1}, 400, ["top_k", "-1"]),
     ("seed-negative", {"model": SERVED, "prompt": "Hi", "seed": -1}, 400, ["seed", "-1"]),
-    ("n-2", {"model": SERVED, "prompt": "Hi", "n": 2}, 400, ["n"]),
+    ("n-0", {"model": SERVED, "prompt": "Hi", "n": 0}, 400, ["n", "0"]),
     ("empty-text-prompt", {"model": SERVED, "prompt": ""}, 400, ["prompt", "empty"]),
     ("empty-ids-prompt", {"model": SERVED, "prompt": []}, 400, ["prompt", "empty"]),
     ("empty-nested-prompt", {"model": SERVED, "prompt": [[]]}, 400, ["prompt", "empty"]),

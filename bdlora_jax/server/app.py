@@ -5,7 +5,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from . import adapters, completions, models, monitoring
+from . import adapters, chat, completions, models, monitoring
 from .body_limit import BodyLimit
 from .context import ServerContext
 from .error_mapping import install_error_handlers
@@ -25,6 +25,6 @@ def create_app(engine, scheduler, served_name: str, api_key: str | None = None,
     app.add_middleware(BodyLimit)
     add_guard(app, api_key)
     install_error_handlers(app)
-    for module in (monitoring, models, adapters, completions):
+    for module in (monitoring, models, adapters, completions, chat):
         app.include_router(module.router)
     return app

@@ -1,7 +1,6 @@
-"""POST /v1/completions: validate, hand the request to the scheduler thread, answer with its text or stream it (SSE)."""
+"""POST /v1/completions: validate, hand n requests to the scheduler thread, answer with their text or stream it (SSE)."""
 
 import asyncio
-import json
 import time
 import uuid
 from typing import Any
@@ -12,17 +11,15 @@ from fastapi.responses import StreamingResponse
 from ..engine.generator import Request
 from ..engine.sampler import SamplingParams
 from ..errors import (
-    BdloraError,
     ContextLengthError,
     InvalidRequestError,
     ModelNotFoundError,
     MultiplePromptsError,
     RequestFailedError,
 )
+from .choices import Choices, choice_params, sse_events
 from .context import ServerContext, server_context
-from .error_mapping import error_body
-from .request_bodies import CompletionBody
-from .text_stream import TextStream
+from .request_bodies import CompletionBody, GenerationBody
 
 router = APIRouter()
 
@@ -45,7 +42,7 @@ def prompt_ids(engine, prompt: Any) -> list[int]:
     return engine._prompt_ids(prompt)
 
 
-def sampling_params(body: CompletionBody, vocab_size: int) -> SamplingParams:
+def sampling_params(body: GenerationBody, vocab_size: int) -> SamplingParams:
     """The request's sampling parameters, validated (InvalidRequestError names a field out of range)."""
     params = SamplingParams(temperature=float(body.temperature), top_p=float(body.top_p), top_k=body.top_k,
                             seed=body.seed, max_tokens=body.max_tokens, stop=stop_strings(body),
@@ -54,7 +51,7 @@ def sampling_params(body: CompletionBody, vocab_size: int) -> SamplingParams:
     return params
 
 
-def stop_strings(body: CompletionBody) -> tuple[str, ...]:
+def stop_strings(body: GenerationBody) -> tuple[str, ...]:
     """`stop` as a tuple, whether it came as one string or a list."""
     return (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
 
@@ -92,62 +89,74 @@ class SubmittedRequest:
             self.scheduler.wake()
 
 
-def completion_chunk(completion_id: str, model: str, text: str, finish: str | None) -> dict:
-    """A text_completion object with one choice, as a whole answer or as one event of a stream."""
+def submit_choices(ctx: ServerContext, ids: list[int], adapter: str | None, params: SamplingParams, n: int) -> Choices:
+    """Hand the request of each of n choices to the scheduler thread (see choice_params for their seeds)."""
+    engine = ctx.engine
+    return Choices([SubmittedRequest(ctx.scheduler, ids, adapter, p)
+                    for p in choice_params(params, n, engine.model_config.vocab_size)], engine.tokenizer)
+
+
+def include_usage(body: GenerationBody) -> bool:
+    """Whether a stream ends with a usage chunk (stream_options.include_usage); stream_options needs stream=true."""
+    if body.stream_options is None:
+        return False
+    if not body.stream:
+        raise InvalidRequestError("stream_options", "stream_options is only allowed with stream=true")
+    return body.stream_options.include_usage
+
+
+def echo_text(engine, prompt: Any, ids: list[int]) -> str:
+    """The prompt as text for echo: the text given, or the token ids decoded ('' without a tokenizer)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    return engine.tokenizer.decode(ids) if engine.tokenizer is not None else ""
+
+
+def completion_choice(index: int, text: str, finish: str | None) -> dict:
+    """One choice of a text_completion object."""
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+def completion_object(completion_id: str, model: str, choices: list[dict]) -> dict:
+    """A text_completion object, as a whole answer or as one event of a stream."""
     return {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            "choices": choices}
 
 
-async def sse_events(submitted: SubmittedRequest, stream: TextStream, completion_id: str, model: str):
-    """Server-sent events: each piece of text once no stop string can take it back, then [DONE] (or an error)."""
-    request = submitted.request
-    try:
-        while True:
-            await submitted.next_token()
-            done = request.finish_reason is not None
-            piece = stream.delta(list(request.output), final=done)
-            if piece or done:
-                chunk = completion_chunk(completion_id, model, piece, request.finish_reason if done else None)
-                yield f"data: {json.dumps(chunk)}\n\n"
-            if done:
-                break
-        yield "data: [DONE]\n\n"
-    except BdloraError as e:
-        yield f"data: {json.dumps(error_body(e))}\n\n"
-    finally:
-        submitted.cancel_unless_finished()
+def completion_events(choices: Choices, completion_id: str, model: str, echo: str, with_usage: bool):
+    """The stream of a completion: each choice's echoed prompt first (with echo), then its pieces as they come."""
+    opening = [completion_object(completion_id, model, [completion_choice(i, echo, None)])
+               for i in range(len(choices.submitted)) if echo]
+    return sse_events(
+        choices, opening,
+        lambda index, piece, finish: completion_object(completion_id, model, [completion_choice(index, piece, finish)]),
+        (lambda counts: {**completion_object(completion_id, model, []), "usage": counts}) if with_usage else None)
 
 
-async def whole_completion(submitted: SubmittedRequest, stream: TextStream, completion_id: str, model: str) -> dict:
-    """The finished completion with its usage, once the request has ended."""
-    request = submitted.request
-    try:
-        while request.finish_reason is None:
-            await submitted.next_token()
-    finally:
-        submitted.cancel_unless_finished()
-    text, _ = stream.text(list(request.output))
-    answer = completion_chunk(completion_id, model, text, request.finish_reason)
-    prompt_tokens, completion_tokens = len(request.prompt), len(request.output)
-    answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                       "total_tokens": prompt_tokens + completion_tokens}
+async def whole_completion(choices: Choices, completion_id: str, model: str, echo: str) -> dict:
+    """The finished completion, every choice with the echoed prompt before its text, and its usage."""
+    finished = await choices.finished()
+    answer = completion_object(completion_id, model, [completion_choice(i, echo + text, finish)
+                                                      for i, (text, finish) in enumerate(finished)])
+    answer["usage"] = choices.usage()
     return answer
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionBody, ctx: ServerContext = Depends(server_context)):
-    """Complete one prompt under the base model or an adapter; stream=true answers with server-sent events."""
+    """Complete one prompt n times under the base model or an adapter; stream=true answers with server-sent events."""
     engine = ctx.engine
     adapter = adapter_of(ctx, body.model)
-    if body.n != 1:
-        raise InvalidRequestError("n", f"only n=1 is supported, got {body.n}")
     ids = prompt_ids(engine, body.prompt)
     params = sampling_params(body, engine.model_config.vocab_size)
+    with_usage = include_usage(body)
     check_context_length(len(ids), body.max_tokens, engine.config.max_seq_len)
-    submitted = SubmittedRequest(ctx.scheduler, ids, adapter, params)
+    choices = submit_choices(ctx, ids, adapter, params, body.n)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
-    stream = TextStream(engine.tokenizer, params.stop)
+    echo = echo_text(engine, body.prompt, ids) if body.echo else ""
     if body.stream:
-        return StreamingResponse(sse_events(submitted, stream, completion_id, body.model),
+        return StreamingResponse(completion_events(choices, completion_id, body.model, echo, with_usage),
                                  media_type="text/event-stream")
-    return await whole_completion(submitted, stream, completion_id, body.model)
+    return await whole_completion(choices, completion_id, body.model, echo)

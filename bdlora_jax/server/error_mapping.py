@@ -103,11 +103,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_, exc: RequestValidationError):
-        """A body that is not JSON, or a field pydantic refuses (missing, wrongly typed), naming the field."""
+        """A body that is not JSON, or a field pydantic refuses (missing, wrongly typed, unsupported), naming it."""
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
             return error_response(MalformedBodyError(first.get("msg")))
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        if first.get("type") == "extra_forbidden":
+            return error_response(InvalidRequestError(where, "this server does not support this field"))
         return error_response(InvalidRequestError(where, first.get("msg")))
 
     @app.exception_handler(StarletteHTTPException)

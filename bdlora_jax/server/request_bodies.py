@@ -1,15 +1,27 @@
-"""The JSON bodies the server accepts, as OpenAI and vLLM define them; pydantic refuses wrongly typed fields."""
+"""The JSON bodies the server accepts, as OpenAI and vLLM define them; pydantic refuses wrongly typed fields.
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
+A field the server does not implement (best_of, suffix, tools, ...) is refused by name rather than ignored, so a
+client never believes it got what it asked for; `user`, OpenAI's metadata about the caller, is accepted and unused.
+"""
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
 
-class CompletionBody(BaseModel):
-    """POST /v1/completions, as OpenAI and vLLM accept it (top_k, seed and stop_token_ids are vLLM's)."""
+class StreamOptions(BaseModel):
+    """`stream_options` of a streamed request: include_usage ends the stream with a usage chunk (choices: [])."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class GenerationBody(BaseModel):
+    """What completions and chat completions share: the model, sampling, stop conditions, n choices and streaming
+    (top_k, seed and stop_token_ids are vLLM's)."""
+
+    model_config = ConfigDict(extra="forbid")
     model: str
-    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
-    max_tokens: StrictInt = 16
     temperature: StrictFloat | StrictInt = 1.0
     top_p: StrictFloat | StrictInt = 1.0
     top_k: StrictInt = 0
@@ -17,7 +29,30 @@ class CompletionBody(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[StrictInt] | None = None
     stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     n: StrictInt = 1
+    user: StrictStr | None = None
+
+
+class CompletionBody(GenerationBody):
+    """POST /v1/completions, as OpenAI and vLLM accept it; echo puts the prompt text before each completion."""
+
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    max_tokens: StrictInt = 16
+    echo: StrictBool = False
+
+
+class ChatBody(GenerationBody):
+    """POST /v1/chat/completions, as OpenAI and vLLM accept it: messages rendered with the model's chat template.
+
+    max_completion_tokens is OpenAI's newer name for max_tokens; without either, a reply may fill the context.
+    add_generation_prompt (vLLM's) opens the assistant's turn at the end of the prompt.
+    """
+
+    messages: list[dict[str, Any]]
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    add_generation_prompt: StrictBool = True
 
 
 class LoadBody(BaseModel):
