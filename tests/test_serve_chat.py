@@ -209,6 +209,7 @@ BAD_CHATS = [
     ("stream_options-unknown", {"stream": True, "stream_options": {"continuous": True}},
      ["stream_options.continuous"]),
     ("max_tokens-0", {"max_tokens": 0}, ["max_tokens", "0"]),
+    ("max_completion_tokens-0", {"max_completion_tokens": 0}, ["max_completion_tokens", "0"]),
     ("context", {"max_completion_tokens": MAX_SEQ_LEN}, ["max_tokens", str(MAX_SEQ_LEN)]),
     ("temperature-negative", {"temperature": -1}, ["temperature"]),
 ]

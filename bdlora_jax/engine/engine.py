@@ -40,6 +40,7 @@ class Engine:
 
     Adapters come from the pool (registered PEFT adapters, `max_loras` of them in device slots) or from a
     compressed bank placed once at start-up (never in a pool slot); both are named alike and mix in a batch.
+    chat_template: the model's chat template (tokenizer_config.json), which chat requests are rendered with.
     """
 
     def __init__(self, model_config: ModelConfig, params, engine_config: EngineConfig, tokenizer=None, plan=None,

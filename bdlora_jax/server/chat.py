@@ -38,6 +38,9 @@ def chat_prompt_ids(engine, text: str) -> list[int]:
 def reply_max_tokens(body: ChatBody, prompt_tokens: int, max_seq_len: int) -> int:
     """max_completion_tokens, else max_tokens, else all the context the prompt leaves (at least one token)."""
     if body.max_completion_tokens is not None:
+        if body.max_completion_tokens < 1:
+            raise InvalidRequestError("max_completion_tokens",
+                                      f"max_completion_tokens must be at least 1, got {body.max_completion_tokens}")
         return body.max_completion_tokens
     if body.max_tokens is not None:
         return body.max_tokens
