@@ -1,6 +1,14 @@
 """The JSON bodies the server accepts, as OpenAI and vLLM define them; pydantic refuses wrongly typed fields."""
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
+
+from ..adapters.sources import check_adapter_name, check_path_text
+
+# refused with a 400 naming the field before anything else happens: see bdlora_jax.adapters.sources
+AdapterName = Annotated[str, AfterValidator(check_adapter_name)]
+AdapterPath = Annotated[str, AfterValidator(check_path_text)]
 
 
 class CompletionBody(BaseModel):
@@ -21,13 +29,13 @@ class CompletionBody(BaseModel):
 
 
 class LoadBody(BaseModel):
-    """POST /v1/load_lora_adapter (vLLM's body)."""
+    """POST /v1/load_lora_adapter (vLLM's body); the name and the path text are checked before the filesystem."""
 
-    lora_name: str
-    lora_path: str
+    lora_name: AdapterName
+    lora_path: AdapterPath
 
 
 class UnloadBody(BaseModel):
     """POST /v1/unload_lora_adapter (vLLM's body)."""
 
-    lora_name: str
+    lora_name: AdapterName
