@@ -1,14 +1,30 @@
 """The JSON bodies the server accepts, as OpenAI and vLLM define them; pydantic refuses wrongly typed fields."""
 
+from collections.abc import Callable
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
+from pydantic_core import PydanticCustomError
 
 from ..adapters.sources import check_adapter_name, check_path_text
+from ..errors import InvalidRequestError
+
+
+def _validator(check: Callable[[str], str]) -> AfterValidator:
+    """A pydantic validator running check, whose refusal becomes the field's error with check's message alone."""
+
+    def validate(value: str) -> str:
+        try:
+            return check(value)
+        except InvalidRequestError as e:
+            raise PydanticCustomError("invalid_value", e.message) from None
+
+    return AfterValidator(validate)
+
 
 # refused with a 400 naming the field before anything else happens: see bdlora_jax.adapters.sources
-AdapterName = Annotated[str, AfterValidator(check_adapter_name)]
-AdapterPath = Annotated[str, AfterValidator(check_path_text)]
+AdapterName = Annotated[str, _validator(check_adapter_name)]
+AdapterPath = Annotated[str, _validator(check_path_text)]
 
 
 class CompletionBody(BaseModel):
