@@ -405,7 +405,8 @@ def test_config_fields_type_checked(eng, hf_dir, reference, tmp_path, case):
     fixture, edit, fragments = CONFIG_CASES[case]
     bad = copy_adapter(hf_dir, fixture, tmp_path / "typed")
     edit(bad)
-    message = refuse_then_recover(eng, reference, hf_dir, bad, "typed", fixture, must_mention=[bad / CONFIG, *fragments])
+    message = refuse_then_recover(eng, reference, hf_dir, bad, "typed", fixture,
+                                  must_mention=[bad / CONFIG, *fragments])
     assert len(message) < 1000  # values are shortened in messages
 
 

@@ -4,7 +4,8 @@ start-up failing alone, and no compilation after warm-up for any load, accepted 
 
 Every refusal is checked for its status and OpenAI error body (naming the field, tensor or file), for leaving
 /v1/models as it was, and for a good load and request that still succeed with their usual output afterwards.
-One module-scoped Engine (demo model, mesh 1x2, bdlora) is driven by its Scheduler thread as the server runs it,
+One module-scoped Engine (demo model, mesh 1x2, bdlora, the options of test_serve_api so that the persistent
+compilation cache serves its warm-up) is driven by its Scheduler thread as the server runs it,
 with an API key and --lora-root; nothing in this module compiles after its warm-up.
 """
 
@@ -31,7 +32,7 @@ from bdlora_jax.demo import demo_adapters
 from bdlora_jax.engine.scheduler import Scheduler
 from bdlora_jax.server import create_app
 
-ENGINE_OPTS = dict(mesh="1x2", strategy="bdlora", max_loras=2, max_lora_rank=16, max_batch=4, max_seq_len=64)
+ENGINE_OPTS = dict(mesh="1x2", strategy="bdlora", max_loras=2, max_lora_rank=16, max_batch=4, max_seq_len=128)
 MAX_RANK = ENGINE_OPTS["max_lora_rank"]
 SERVED = "demo"
 API_KEY = "adapters-key"

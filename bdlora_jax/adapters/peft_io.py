@@ -72,8 +72,8 @@ def _check_config(config: dict[str, Any], where: Path) -> tuple[int, float, dict
     _check_scale(alpha, r, bool(config.get("use_rslora")), where)
     for field, allowed in _UNSUPPORTED.items():
         if field in config and config[field] not in allowed:
-            raise AdapterError(f"{where}: field {field!r}={show(config[field])} is not supported (expected {allowed[0]!r})",
-                               path=where)
+            raise AdapterError(f"{where}: field {field!r}={show(config[field])} is not supported "
+                               f"(expected {allowed[0]!r})", path=where)
     targets = config.get("target_modules")
     if isinstance(targets, str):
         try:

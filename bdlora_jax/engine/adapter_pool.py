@@ -91,7 +91,8 @@ class AdapterPool:
     def warm_up(self) -> None:
         """Compile the slot write once (writing zeros into a free slot) so later loads compile nothing."""
         if not self.resident:
-            zeros = {key: tuple(np.zeros(x.shape[1:], self.host_dtype) for x in pair) for key, pair in self.bank.items()}
+            dtype = self.host_dtype
+            zeros = {key: tuple(np.zeros(x.shape[1:], dtype) for x in pair) for key, pair in self.bank.items()}
             self.bank = write_slot(self.bank, 1, zeros)
 
     def slots_for(self, names: Iterable[str | None]) -> list[int]:
