@@ -111,11 +111,15 @@ class PoolFullError(BdloraError, RuntimeError):
 
 
 class ForbiddenPathError(BdloraError):
-    """An adapter path outside the directory the server may load adapters from (--lora-root)."""
+    """An adapter path outside the directory the server may load adapters from (--lora-root).
 
-    def __init__(self, path: str, root: Path):
-        super().__init__(f"lora_path {path!r} is outside the allowed --lora-root {str(root)!r}")
-        self.path, self.root = path, root
+    `target` is where a path inside the root leads once its symlinks are resolved (None: the path itself is outside).
+    """
+
+    def __init__(self, path: str, root: Path, target: Path | None = None):
+        where = f"lora_path {path!r}" if target is None else f"{path!r} resolves to {str(target)!r}, which"
+        super().__init__(f"{where} is outside the allowed --lora-root {str(root)!r}")
+        self.path, self.root, self.target = path, root, target
 
 
 class AuthenticationError(BdloraError):

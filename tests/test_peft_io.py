@@ -354,3 +354,175 @@ def test_layer_replication_refused(eng, hf_dir, reference, tmp_path):
     finally:
         if "layer_rep" in eng.adapters:
             eng.remove_adapter("layer_rep")
+
+
+# ------------------------------------------------------------- every config field type-checked, scale finite
+
+
+def _config_text(replace: str, by: str):
+    """An edit of adapter_config.json's text (for what json.dumps cannot write: NaN, huge integers, deep nesting)."""
+
+    def edit(path):
+        text = (path / CONFIG).read_text()
+        assert replace in text
+        (path / CONFIG).write_text(text.replace(replace, by, 1))
+
+    return edit
+
+
+def _config_fields(**changes):
+    return lambda path: edit_config(path, **changes)
+
+
+ALPHA = '"lora_alpha": 16'
+CONFIG_CASES = {
+    "target_modules_5": ("lora_r8", _config_fields(target_modules=5), ["'target_modules'=5", "list of module names"]),
+    "target_modules_bad_regex": ("lora_r8", _config_fields(target_modules="("),
+                                 ["'target_modules'='('", "regular expression"]),
+    "target_modules_not_strings": ("lora_r8", _config_fields(target_modules=["q_proj", 3]), ["'target_modules'"]),
+    "bd_a_not_strings": ("bdlora_nb2_r8", _config_fields(use_bdlora={"nblocks": 2, "target_modules_bd_a": [1]}),
+                         ["'use_bdlora.target_modules_bd_a'=[1]", "list of module names"]),
+    "bd_match_strict_string": ("bdlora_nb2_r8", _config_fields(use_bdlora={"nblocks": 2, "match_strict": "no"}),
+                               ["'use_bdlora.match_strict'"]),
+    "nblocks_string": ("bdlora_nb2_r8", _config_fields(use_bdlora={"nblocks": "2"}), ["'use_bdlora.nblocks'"]),
+    "use_rslora_string": ("lora_r8", _config_fields(use_rslora="yes"), ["'use_rslora'", "true or false"]),
+    "lora_dropout_list": ("lora_r8", _config_fields(lora_dropout=[0.1]), ["'lora_dropout'"]),
+    "base_model_number": ("lora_r8", _config_fields(base_model_name_or_path=7), ["'base_model_name_or_path'"]),
+    "peft_type_null": ("lora_r8", _config_fields(peft_type=None), ["'peft_type'"]),
+    "alpha_nan": ("lora_r8", _config_text(ALPHA, '"lora_alpha": NaN'), ["'lora_alpha'=nan", "finite"]),
+    "alpha_infinity": ("lora_r8", _config_text(ALPHA, '"lora_alpha": Infinity'), ["'lora_alpha'=inf", "finite"]),
+    "alpha_1e308": ("lora_r8", _config_fields(lora_alpha=1e308), ["'lora_alpha'=1e+308", "float32"]),
+    "alpha_400_digits": ("lora_r8", _config_text(ALPHA, '"lora_alpha": ' + "9" * 400), ["'lora_alpha'=999", "finite"]),
+    "alpha_5000_digits": ("lora_r8", _config_text(ALPHA, '"lora_alpha": ' + "9" * 5000), ["not valid JSON"]),
+    "nested_100000": ("lora_r8", _config_text(ALPHA, '"deep": ' + "[" * 100_000 + "]" * 100_000 + ", " + ALPHA),
+                      ["not valid JSON", "nested too deeply"]),
+    "oversized": ("lora_r8", _config_fields(padding="x" * (1 << 20)), ["larger than 1048576 bytes"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_config_fields_type_checked(eng, hf_dir, reference, tmp_path, case):
+    fixture, edit, fragments = CONFIG_CASES[case]
+    bad = copy_adapter(hf_dir, fixture, tmp_path / "typed")
+    edit(bad)
+    message = refuse_then_recover(eng, reference, hf_dir, bad, "typed", fixture,
+                                  must_mention=[bad / CONFIG, *fragments])
+    assert len(message) < 1000  # values are shortened in messages
+
+
+def test_negative_alpha_is_allowed(model_config, hf_dir, tmp_path):
+    path = copy_adapter(hf_dir, "lora_r8", tmp_path / "negative")
+    edit_config(path, lora_alpha=-16)
+    assert read_adapter(path, model_config).scale == -2.0
+
+
+def test_unknown_config_fields_are_ignored(model_config, hf_dir, tmp_path):
+    path = copy_adapter(hf_dir, "lora_r8", tmp_path / "unknown")
+    edit_config(path, some_future_peft_field={"anything": [1, "x"]})
+    assert read_adapter(path, model_config).rank == 8
+
+
+# -------------------------------------------------------------------------------------- tensor dtypes
+
+
+@pytest.mark.parametrize("dtype, shown", [(np.int8, "I8"), (np.int32, "I32"), (np.float64, "F64"), (np.bool_, "BOOL")])
+def test_non_float_tensors_are_refused(eng, hf_dir, reference, tmp_path, dtype, shown):
+    bad = copy_adapter(hf_dir, "lora_r8", tmp_path / "dtype")
+    tensor = key(1, "k_proj", "B")
+    edit_tensors(bad, _set(tensor, lambda t: t.astype(dtype)))
+    refuse_then_recover(eng, reference, hf_dir, bad, "dtype", "lora_r8",
+                        must_mention=[bad / WEIGHTS, tensor, shown, "floating-point"])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_tensors_are_read(model_config, hf_dir, tmp_path, dtype):
+    import ml_dtypes
+
+    half = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    path = copy_adapter(hf_dir, "lora_r8", tmp_path / dtype)
+    original = load_file(str(path / WEIGHTS))
+    edit_tensors(path, lambda t: t.update({k: v.astype(half) for k, v in t.items()}))
+    adapter = read_adapter(path, model_config)
+    factors = adapter.modules[(0, "q_proj")]
+    assert factors.a.dtype == np.float32
+    np.testing.assert_array_equal(factors.a, original[key(0, "q_proj", "A")].astype(half).astype(np.float32))
+
+
+# ------------------------------------------------------------------------ confinement to a root directory
+
+
+@pytest.mark.parametrize("linked", [CONFIG, WEIGHTS])
+def test_root_confines_every_file_read(model_config, hf_dir, tmp_path, linked):
+    from bdlora_jax.errors import ForbiddenPathError
+
+    root, outside = tmp_path / "root", copy_adapter(hf_dir, "lora_r8", tmp_path / "outside")
+    inside = copy_adapter(hf_dir, "lora_r8", root / "adapter")
+    (inside / linked).unlink()
+    (inside / linked).symlink_to(outside / linked)
+    with pytest.raises(ForbiddenPathError) as info:
+        read_adapter(inside, model_config, root=root)
+    for fragment in (inside / linked, outside / linked, root):
+        assert str(fragment) in info.value.message
+    assert read_adapter(inside, model_config).rank == 8  # without a root, symlinks are followed anywhere
+    (inside / linked).unlink()
+    (inside / linked).symlink_to(root / ".." / "outside" / ".." / "root" / "adapter" / ".." / ".." / "outside" / linked)
+    with pytest.raises(ForbiddenPathError):
+        read_adapter(inside, model_config, root=root)
+    copy_adapter(hf_dir, "lora_r8", root / "real")
+    (inside / linked).unlink()
+    (inside / linked).symlink_to(root / "real" / linked)  # a symlink that stays under the root is fine
+    assert read_adapter(inside, model_config, root=root).rank == 8
+
+
+# ------------------------------------------------------------------ a registered adapter broken on disk
+
+
+@pytest.mark.parametrize("breakage", ["target_modules_5", "bad_regex", "weights_gone", "unreadable"])
+def test_registered_adapter_broken_on_disk(eng, hf_dir, reference, tmp_path, monkeypatch, breakage):
+    """Files changed since registration are validated again when the adapter is loaded into a slot: only an
+    AdapterError naming the adapter's file escapes, no slot changes, and the other adapters still serve."""
+    from bdlora_jax.engine import adapter_pool
+
+    path = copy_adapter(hf_dir, "lora_r8", tmp_path / "fragile")
+    eng.add_adapter("fragile", path)
+    try:
+        assert "fragile" not in eng.pool.resident
+        if breakage == "target_modules_5":
+            edit_config(path, target_modules=5)
+        elif breakage == "bad_regex":
+            edit_config(path, target_modules="(")
+        elif breakage == "weights_gone":
+            (path / WEIGHTS).unlink()
+        else:
+            def unreadable(*args, **kwargs):
+                raise PermissionError(13, "Permission denied", str(path / CONFIG))
+
+            monkeypatch.setattr(adapter_pool, "read_adapter", unreadable)
+        before = (dict(eng.pool.resident), eng.pool.loads)
+        with pytest.raises(AdapterError) as info:
+            eng.logits(prompts(reference)[0], adapter="fragile")
+        assert str(path) in str(info.value)
+        assert (dict(eng.pool.resident), eng.pool.loads) == before
+        assert_serves(eng, GOOD, reference, "lora_rs_r4_qv")
+        monkeypatch.undo()
+        copy_adapter(hf_dir, "lora_r8", path)
+        assert_serves(eng, "fragile", reference, "lora_r8")
+    finally:
+        eng.remove_adapter("fragile")
+
+
+# ------------------------------------------------------------------------------------------ adapter names
+
+
+@pytest.mark.parametrize("name, fragment", [("", "empty"), ("n" * 257, "257"), ("\ud800", "surrogate"),
+                                            ("a\x00b", "control"), ("tab\there", "control")],
+                         ids=["empty", "too_long", "surrogate", "nul", "tab"])
+def test_adapter_names(eng, hf_dir, name, fragment):
+    from bdlora_jax.errors import InvalidRequestError
+
+    before = eng.adapters
+    with pytest.raises(InvalidRequestError) as info:
+        eng.add_adapter(name, hf_dir / "adapters" / "lora_r8")
+    assert info.value.field == "lora_name" and fragment in info.value.message
+    info.value.message.encode("utf-8")  # the message itself is always valid UTF-8
+    assert eng.adapters == before

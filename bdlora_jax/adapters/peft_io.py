@@ -1,12 +1,14 @@
 """PEFT adapter directories (adapter_config.json + adapter_model.safetensors) in and out, LoRA and BD-LoRA.
 
 Reading validates everything against the base model before anything is returned, so a bad adapter raises
-an AdapterError naming the file, tensor or field and what was expected, and nothing is half-loaded.
+an AdapterError naming the file, tensor or field and what was expected, and nothing is half-loaded. Given a
+root, every file read must lie under it once its symlinks are resolved (ForbiddenPathError otherwise).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ import numpy as np
 from ..config import ATTENTION_MODULES, LORA_MODULES, ModelConfig
 from ..errors import AdapterError
 from .adapter import LoraAdapter, ModuleFactors
+from .peft_config import check_field_types, read_config_file, show
+from .sources import confine
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -31,6 +35,8 @@ _UNSUPPORTED = {
     "layer_replication": (None, []),
 }
 PEFT_DEFAULT_ALPHA = 8
+# safetensors dtypes of the factors served (others, e.g. I8, would be silently rounded to other math)
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 def _parent(module: str) -> str:
@@ -42,36 +48,39 @@ def tensor_key(layer: int, module: str, factor: str) -> str:
     return f"base_model.model.model.layers.{layer}.{_parent(module)}.{module}.lora_{factor}.weight"
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path, root: Path | None) -> dict[str, Any]:
     config_path = path / CONFIG_FILE
-    if not path.is_dir():
+    if not confine(path, root).is_dir():
         raise AdapterError(f"{path}: adapter directory does not exist", path=path)
-    if not config_path.is_file():
+    target = confine(config_path, root)
+    if not target.is_file():
         raise AdapterError(f"{config_path}: missing; a PEFT adapter directory needs {CONFIG_FILE}", path=config_path)
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{config_path}: not valid JSON ({e})", path=config_path) from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: expected a JSON object", path=config_path)
-    return config
+    return read_config_file(target, config_path)
 
 
 def _check_config(config: dict[str, Any], where: Path) -> tuple[int, float, dict[str, Any] | None]:
-    """Validate the fields we serve; return (r, lora_alpha, use_bdlora block or None)."""
+    """Validate every field; return (r, lora_alpha, use_bdlora block or None)."""
+    check_field_types(config, where)
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{where}: peft_type={config.get('peft_type')!r}; expected 'LORA'", path=where)
+        raise AdapterError(f"{where}: peft_type={show(config.get('peft_type'))}; expected 'LORA'", path=where)
     r = config.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise AdapterError(f"{where}: field 'r'={r!r}; expected a positive integer", path=where)
     alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise AdapterError(f"{where}: field 'lora_alpha'={alpha!r}; expected a number", path=where)
+        raise AdapterError(f"{where}: field 'lora_alpha'={show(alpha)}; expected a number", path=where)
+    _check_scale(alpha, r, bool(config.get("use_rslora")), where)
     for field, allowed in _UNSUPPORTED.items():
         if field in config and config[field] not in allowed:
-            raise AdapterError(f"{where}: field {field!r}={config[field]!r} is not supported (expected {allowed[0]!r})",
-                               path=where)
+            raise AdapterError(f"{where}: field {field!r}={show(config[field])} is not supported "
+                               f"(expected {allowed[0]!r})", path=where)
     targets = config.get("target_modules")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except (re.error, RecursionError) as e:
+            raise AdapterError(f"{where}: field 'target_modules'={show(targets)} is not a valid regular expression "
+                               f"({e})", path=where) from None
     if isinstance(targets, (list, tuple)):
         unknown = [t for t in targets if t not in LORA_MODULES and t != "all-linear"]
         if unknown:
@@ -87,10 +96,20 @@ def _check_config(config: dict[str, Any], where: Path) -> tuple[int, float, dict
         raise AdapterError(f"{where}: field 'use_bdlora.nblocks'={nblocks!r}; expected a positive integer", path=where)
     if r % nblocks:
         raise AdapterError(f"{where}: r={r} is not divisible by use_bdlora.nblocks={nblocks}", path=where)
-    for key in ("target_modules_bd_a", "target_modules_bd_b"):
-        if not isinstance(bd.get(key) or [], list):
-            raise AdapterError(f"{where}: field 'use_bdlora.{key}' must be a list of module names", path=where)
     return r, float(alpha), bd
+
+
+def _check_scale(alpha: float, r: int, use_rslora: bool, where: Path) -> None:
+    """Refuse a lora_alpha whose scale (alpha / r, or alpha / sqrt(r) with rsLoRA) is not a finite float32;
+    a negative one is allowed, as PEFT allows it."""
+    formula = "lora_alpha/sqrt(r)" if use_rslora else "lora_alpha/r"
+    try:
+        scale = float(alpha) / (math.sqrt(r) if use_rslora else r)
+    except OverflowError:
+        scale = math.inf
+    if not math.isfinite(scale) or abs(scale) > float(np.finfo(np.float32).max):
+        raise AdapterError(f"{where}: field 'lora_alpha'={show(alpha)} gives the scale {formula}={show(scale)}; "
+                           "expected a finite number within float32 range", path=where)
 
 
 def _block_counts(module: str, bd: dict[str, Any] | None, where: Path) -> tuple[int, int]:
@@ -121,27 +140,42 @@ def _targets(config: dict[str, Any], layer: int, parent: str, module: str) -> bo
     return module in targets
 
 
-def _load_tensors(path: Path) -> dict[str, np.ndarray]:
+def _load_tensors(path: Path, root: Path | None) -> dict[str, np.ndarray]:
+    """Every tensor as float32 on the host (numpy: reading compiles nothing); only float dtypes are accepted."""
     weights = path / WEIGHTS_FILE
-    if not weights.is_file():
+    target = confine(weights, root)
+    if not target.is_file():
         other = "adapter_model.bin exists, but only safetensors are read" if (path / "adapter_model.bin").exists() else "missing"
         raise AdapterError(f"{weights}: {other}", path=weights)
     from safetensors import safe_open
 
     try:
-        with safe_open(str(weights), framework="flax") as f:
-            return {key: np.asarray(f.get_tensor(key), dtype=np.float32) for key in f.keys()}  # noqa: SIM118
+        with safe_open(str(target), framework="numpy") as f:
+            keys = list(f.keys())
+            for key in keys:
+                dtype = f.get_slice(key).get_dtype()
+                if dtype not in FLOAT_DTYPES:
+                    raise AdapterError(f"{weights}: tensor {key!r} has dtype {dtype}; expected a floating-point "
+                                       f"tensor ({', '.join(FLOAT_DTYPES)})", path=weights)
+            return {key: np.asarray(f.get_tensor(key), dtype=np.float32) for key in keys}
+    except AdapterError:
+        raise
     except Exception as e:  # noqa: BLE001 - safetensors raises several error types for corrupt files
         raise AdapterError(f"{weights}: cannot read safetensors ({e})", path=weights) from None
 
 
-def read_adapter(path: str | Path, config: ModelConfig, name: str | None = None) -> LoraAdapter:
-    """Read and validate a PEFT LoRA / BD-LoRA adapter directory against a base model config."""
+def read_adapter(path: str | Path, config: ModelConfig, name: str | None = None,
+                 root: str | Path | None = None) -> LoraAdapter:
+    """Read and validate a PEFT LoRA / BD-LoRA adapter directory against a base model config.
+
+    root: when given, every file read must lie under it once symlinks are resolved (else ForbiddenPathError).
+    """
     path = Path(path)
-    adapter_config = _read_config(path)
+    root = Path(root) if root is not None else None
+    adapter_config = _read_config(path, root)
     config_path = path / CONFIG_FILE
     r, alpha, bd = _check_config(adapter_config, config_path)
-    tensors = _load_tensors(path)
+    tensors = _load_tensors(path, root)
     weights = path / WEIGHTS_FILE
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, value in tensors.items():

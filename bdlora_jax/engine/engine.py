@@ -16,6 +16,7 @@ from ..adapters.bank import BankLayout
 from ..adapters.compressed import CompressedServing
 from ..adapters.linear import resolve_lora_impl
 from ..adapters.peft_io import read_adapter
+from ..adapters.sources import check_adapter_name
 from ..chat_template import ChatTemplate, load_chat_template
 from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
 from ..config import EngineConfig, ModelConfig
@@ -102,7 +103,11 @@ class Engine:
         return name in self.pool.adapters or (self.compressed is not None and name in self.compressed)
 
     def add_adapter(self, name: str, path_or_adapter: str | Path | LoraAdapter) -> None:
-        """Register a PEFT LoRA / BD-LoRA adapter; a bad one raises and leaves the engine as it was."""
+        """Register a PEFT LoRA / BD-LoRA adapter; a bad one raises and leaves the engine as it was.
+
+        The name must be 1..256 characters of printable UTF-8 (InvalidRequestError otherwise).
+        """
+        check_adapter_name(name)
         if self.compressed is not None and name in self.compressed:
             source = path_or_adapter.name if isinstance(path_or_adapter, LoraAdapter) else str(path_or_adapter)
             raise AdapterConflictError(name, f"adapter name {name!r} (from {source}) clashes with the adapter "

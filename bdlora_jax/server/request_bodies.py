@@ -4,9 +4,31 @@ A field the server does not implement (best_of, suffix, tools, ...) is refused b
 client never believes it got what it asked for; `user`, OpenAI's metadata about the caller, is accepted and unused.
 """
 
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic_core import PydanticCustomError
+
+from ..adapters.sources import check_adapter_name, check_path_text
+from ..errors import InvalidRequestError
+
+
+def _validator(check: Callable[[str], str]) -> AfterValidator:
+    """A pydantic validator running check, whose refusal becomes the field's error with check's message alone."""
+
+    def validate(value: str) -> str:
+        try:
+            return check(value)
+        except InvalidRequestError as e:
+            raise PydanticCustomError("invalid_value", e.message) from None
+
+    return AfterValidator(validate)
+
+
+# refused with a 400 naming the field before anything else happens: see bdlora_jax.adapters.sources
+AdapterName = Annotated[str, _validator(check_adapter_name)]
+AdapterPath = Annotated[str, _validator(check_path_text)]
 
 
 class StreamOptions(BaseModel):
@@ -56,13 +78,13 @@ class ChatBody(GenerationBody):
 
 
 class LoadBody(BaseModel):
-    """POST /v1/load_lora_adapter (vLLM's body)."""
+    """POST /v1/load_lora_adapter (vLLM's body); the name and the path text are checked before the filesystem."""
 
-    lora_name: str
-    lora_path: str
+    lora_name: AdapterName
+    lora_path: AdapterPath
 
 
 class UnloadBody(BaseModel):
     """POST /v1/unload_lora_adapter (vLLM's body)."""
 
-    lora_name: str
+    lora_name: AdapterName
