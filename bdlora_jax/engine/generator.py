@@ -42,9 +42,9 @@ def _sample(logits: jax.Array, sampling: tuple[jax.Array, jax.Array], adjustment
     """The sampler on per-row (temperature, top_p) floats and (top_k, seed, step) ints, keys made on the device;
     its own jitted call (compiled once per row count and variant) rather than a part of every prefill and decode one.
 
-    Variants: adjustments None (no bias, penalty or ban: the logits as they are) or (ids, values, penalties, seen,
-    counts, state rows) for penalties.adjust; top_logprobs 0, or k to return token_logprobs(raw logits, tokens, k).
-    Returns (tokens, None or the log-probabilities).
+    Two variants per row count: the plain one (adjustments None, top_logprobs 0: the logits as they are), and the full
+    one: adjustments (ids, values, penalties, seen, counts, state rows) for penalties.adjust and top_logprobs k to
+    return token_logprobs(raw logits, tokens, k). Returns (tokens, None or the log-probabilities).
     """
     floats, ints = sampling
     raw = logits.astype(jnp.float32)
@@ -307,23 +307,23 @@ class Generator:
     def _sample_rows(self, logits: jax.Array, requests: list[Request | None], state_rows: np.ndarray,
                      prompts: list[list[int]] | None = None) -> tuple[np.ndarray, tuple | None]:
         """One token per row of `logits` for `requests` (None: an idle row) whose histories are decode rows
-        `state_rows`, by the cheapest _sample variant the rows need; prompts: the rows' prompts when they are
-        just admitted (their histories start there). Returns host (tokens, token_logprobs arrays or None)."""
+        `state_rows`: the plain _sample variant unless a row adjusts its logits or asks for log-probabilities;
+        prompts: the rows' prompts when they are just admitted (their histories start there).
+        Returns host (tokens, token_logprobs arrays or None)."""
         params = [r.params if r is not None else _IDLE for r in requests]
         adjusting = [r is not None and (r.params.adjusts_logits or len(r.output) < r.params.min_tokens)
                      for r in requests]
-        adjustments = None
-        if any(adjusting):
-            if prompts is not None:
-                seen = prompt_mask(prompts, len(requests), self.seen.shape[1])
-                self.seen, self.counts = reset_rows_jit(self.seen, self.counts, state_rows, seen)
-            adjustments = (*self._adjustment_arrays(requests, adjusting), self.seen, self.counts, state_rows)
-        top = self.top_logprobs if any(p.logprobs is not None for p in params) else 0
         steps = [len(r.output) if r is not None else 0 for r in requests]
-        tokens, logprobs = _sample(logits, self._sampling(params, steps), adjustments, top_logprobs=top)
-        if adjustments is not None:
-            self.counts = record_tokens_jit(self.counts, state_rows, tokens)
-        return np.asarray(tokens), (None if logprobs is None else tuple(np.asarray(a) for a in logprobs))
+        if not any(adjusting) and all(p.logprobs is None for p in params):
+            tokens, _ = _sample(logits, self._sampling(params, steps))
+            return np.asarray(tokens), None
+        if prompts is not None:
+            seen = prompt_mask(prompts, len(requests), self.seen.shape[1])
+            self.seen, self.counts = reset_rows_jit(self.seen, self.counts, state_rows, seen)
+        adjustments = (*self._adjustment_arrays(requests, adjusting), self.seen, self.counts, state_rows)
+        tokens, logprobs = _sample(logits, self._sampling(params, steps), adjustments, top_logprobs=self.top_logprobs)
+        self.counts = record_tokens_jit(self.counts, state_rows, tokens)
+        return np.asarray(tokens), tuple(np.asarray(a) for a in logprobs)
 
     def _adjustment_arrays(self, requests: list[Request | None], adjusting: list[bool]):
         """Per-row (ids, values) of the sparse additions (logit_bias, and -inf on the stop tokens of a row still
@@ -407,8 +407,8 @@ class Generator:
             self._warm_sampler(self._decode_logits(plan), np.full(self.rows, self.rows, np.int32), prompts=None)
 
     def _warm_sampler(self, logits: jax.Array, past_end: np.ndarray, prompts: list[list[int]] | None) -> None:
-        """Run every _sample variant (plain, adjusted, with log-probabilities, both) on `logits` as _sample_rows
-        does, for requests whose state rows lie past the end, so the penalty state is left as it was."""
+        """Run both _sample variants (plain, full) on `logits` as _sample_rows does, for requests whose state rows
+        lie past the end, so the penalty state is left as it was."""
         for params in _WARM_UP_PARAMS:
             requests = [Request([0], None, params)] + [None] * (len(past_end) - 1)
             self._sample_rows(logits, requests, past_end, prompts)
@@ -443,6 +443,4 @@ class Generator:
 
 
 _IDLE = SamplingParams(temperature=0.0, seed=0)
-_WARM_UP_PARAMS = (_IDLE, SamplingParams(temperature=0.0, seed=0, logprobs=0),
-                   SamplingParams(temperature=0.0, seed=0, repetition_penalty=2.0),
-                   SamplingParams(temperature=0.0, seed=0, repetition_penalty=2.0, logprobs=0))
+_WARM_UP_PARAMS = (_IDLE, SamplingParams(temperature=0.0, seed=0, repetition_penalty=2.0, logprobs=0))

@@ -19,6 +19,7 @@ from ..errors import (
     MultiplePromptsError,
     RequestFailedError,
 )
+from .completion_logprobs import completion_logprobs
 from .context import ServerContext, server_context
 from .error_mapping import error_body
 from .request_bodies import CompletionBody
@@ -49,9 +50,25 @@ def sampling_params(body: CompletionBody, vocab_size: int) -> SamplingParams:
     """The request's sampling parameters, validated (InvalidRequestError names a field out of range)."""
     params = SamplingParams(temperature=float(body.temperature), top_p=float(body.top_p), top_k=body.top_k,
                             seed=body.seed, max_tokens=body.max_tokens, stop=stop_strings(body),
-                            stop_token_ids=tuple(body.stop_token_ids or ()))
+                            stop_token_ids=tuple(body.stop_token_ids or ()), logit_bias=logit_bias(body),
+                            presence_penalty=float(body.presence_penalty),
+                            frequency_penalty=float(body.frequency_penalty),
+                            repetition_penalty=float(body.repetition_penalty), logprobs=body.logprobs,
+                            ignore_eos=body.ignore_eos, min_tokens=body.min_tokens)
     params.validate(vocab_size)
     return params
+
+
+def logit_bias(body: CompletionBody) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; its JSON keys must be token ids written as integers."""
+    pairs = []
+    for key, bias in (body.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequestError("logit_bias", f"logit_bias keys must be token ids, got {key!r}") from None
+        pairs.append((token, float(bias)))
+    return tuple(pairs)
 
 
 def stop_strings(body: CompletionBody) -> tuple[str, ...]:
@@ -92,22 +109,34 @@ class SubmittedRequest:
             self.scheduler.wake()
 
 
-def completion_chunk(completion_id: str, model: str, text: str, finish: str | None) -> dict:
+def completion_chunk(completion_id: str, model: str, text: str, finish: str | None,
+                     logprobs: dict | None = None) -> dict:
     """A text_completion object with one choice, as a whole answer or as one event of a stream."""
     return {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+
+
+def choice_logprobs(tokenizer, request: Request, output: list[int], start: int) -> dict | None:
+    """The choice's `logprobs` for output tokens start.. (None unless the request asked for them)."""
+    if request.params.logprobs is None:
+        return None
+    return completion_logprobs(tokenizer, output, request.logprobs, start, len(output))
 
 
 async def sse_events(submitted: SubmittedRequest, stream: TextStream, completion_id: str, model: str):
     """Server-sent events: each piece of text once no stop string can take it back, then [DONE] (or an error)."""
-    request = submitted.request
+    request, reported = submitted.request, 0
     try:
         while True:
             await submitted.next_token()
             done = request.finish_reason is not None
-            piece = stream.delta(list(request.output), final=done)
+            output = list(request.output)
+            piece = stream.delta(output, final=done)
             if piece or done:
-                chunk = completion_chunk(completion_id, model, piece, request.finish_reason if done else None)
+                logprobs = choice_logprobs(stream.tokenizer, request, output, reported)
+                chunk = completion_chunk(completion_id, model, piece, request.finish_reason if done else None,
+                                         logprobs)
+                reported = len(output)
                 yield f"data: {json.dumps(chunk)}\n\n"
             if done:
                 break
@@ -126,8 +155,10 @@ async def whole_completion(submitted: SubmittedRequest, stream: TextStream, comp
             await submitted.next_token()
     finally:
         submitted.cancel_unless_finished()
-    text, _ = stream.text(list(request.output))
-    answer = completion_chunk(completion_id, model, text, request.finish_reason)
+    output = list(request.output)
+    text, _ = stream.text(output)
+    answer = completion_chunk(completion_id, model, text, request.finish_reason,
+                              choice_logprobs(stream.tokenizer, request, output, 0))
     prompt_tokens, completion_tokens = len(request.prompt), len(request.output)
     answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                        "total_tokens": prompt_tokens + completion_tokens}

@@ -4,7 +4,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
 
 
 class CompletionBody(BaseModel):
-    """POST /v1/completions, as OpenAI and vLLM accept it (top_k, seed and stop_token_ids are vLLM's)."""
+    """POST /v1/completions, as OpenAI and vLLM accept it (top_k, seed, stop_token_ids, repetition_penalty,
+    ignore_eos and min_tokens are vLLM's)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -18,6 +19,13 @@ class CompletionBody(BaseModel):
     stop_token_ids: list[StrictInt] | None = None
     stream: StrictBool = False
     n: StrictInt = 1
+    logit_bias: dict[str, StrictFloat | StrictInt] | None = None
+    presence_penalty: StrictFloat | StrictInt = 0.0
+    frequency_penalty: StrictFloat | StrictInt = 0.0
+    repetition_penalty: StrictFloat | StrictInt = 1.0
+    logprobs: StrictInt | None = None
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = 0
 
 
 class LoadBody(BaseModel):
