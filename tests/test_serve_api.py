@@ -598,13 +598,13 @@ def _stop_string(text: str) -> str:
 
 
 def test_stop_strings(app, reference):
-    full = greedy(app, DEMO[0], "Stop me", max_tokens=60)["choices"][0]["text"]
+    full = greedy(app, DEMO[0], "Stop me", max_tokens=60, ignore_eos=True)["choices"][0]["text"]
     stop = _stop_string(full)
     cut = full[:full.find(stop)]
     for stream in (False, True):
         response = call(app, "POST", "/v1/completions", json={
             "model": DEMO[0], "prompt": "Stop me", "max_tokens": 60, "temperature": 0, "stop": [stop, "\x00never"],
-            "stream": stream})
+            "stream": stream, "ignore_eos": True})
         assert response.status_code == 200
         if stream:
             chunks = sse_chunks(response.text)
@@ -614,10 +614,10 @@ def test_stop_strings(app, reference):
         assert text == cut, (stop, full)
         assert finish == "stop"
     # a stop string as a plain string, and a stop token id
-    assert greedy(app, DEMO[0], "Stop me", max_tokens=60, stop=stop)["choices"][0]["text"] == cut
+    assert greedy(app, DEMO[0], "Stop me", max_tokens=60, stop=stop, ignore_eos=True)["choices"][0]["text"] == cut
     ids = [72, 101, 108]
-    tokens = reference.generate([ids], max_tokens=10)[0].token_ids
-    stopped = greedy(app, SERVED, ids, max_tokens=10, stop_token_ids=[tokens[3]])
+    tokens = reference.generate([ids], max_tokens=10, ignore_eos=True)[0].token_ids
+    stopped = greedy(app, SERVED, ids, max_tokens=10, stop_token_ids=[tokens[3]], ignore_eos=True)
     assert stopped["choices"][0]["finish_reason"] == "stop"
     assert stopped["usage"]["completion_tokens"] == tokens.index(tokens[3]) + 1
     assert_serving(app)
