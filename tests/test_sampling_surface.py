@@ -142,6 +142,19 @@ def test_min_tokens_bans_eos_and_stop_tokens_and_defers_stop_strings(served):
     assert deferred.finish_reason == "stop" and len(deferred.output) == 4
 
 
+def test_plain_requests_take_the_plain_sampler_and_the_rest_the_full_one(served, monkeypatch):
+    from bdlora_jax.engine import generator
+
+    full_steps = []
+    record = generator.record_tokens_jit
+    monkeypatch.setattr(generator, "record_tokens_jit", lambda *args: full_steps.append(1) or record(*args))
+    generate(served, *REPEATS, max_tokens=3, ignore_eos=True)
+    generate(served, *REPEATS, max_tokens=3, ignore_eos=True, temperature=0.8, top_k=5, stop=("q",))
+    assert full_steps == []
+    generate(served, *REPEATS, max_tokens=3, ignore_eos=True, logprobs=0)
+    assert len(full_steps) == 3  # the prefill's first token, then two decode steps
+
+
 # ---------------------------------------------------------------------------------------------- server
 
 
