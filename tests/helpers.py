@@ -107,3 +107,16 @@ def refuse_then_recover(eng: Engine, reference, hf_dir: Path, bad_path: Path, na
     eng.remove_adapter(name)
     assert name not in eng.adapters
     return message
+
+
+def penalized_reference(logits, bias: dict[int, float], prompt, output, repetition: float, frequency: float,
+                        presence: float) -> np.ndarray:
+    """vLLM's logit processing of one row in numpy: logit_bias, then the repetition (prompt + output), frequency
+    and presence (output) penalties."""
+    logits = np.array(logits, np.float64)
+    for token, value in bias.items():
+        logits[token] += value
+    counts = np.bincount(np.asarray(output, int), minlength=len(logits))
+    seen = (np.bincount(np.asarray(prompt, int), minlength=len(logits)) > 0) | (counts > 0)
+    logits = np.where(seen & (logits > 0), logits / repetition, np.where(seen, logits * repetition, logits))
+    return logits - frequency * counts - presence * (counts > 0)

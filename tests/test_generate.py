@@ -35,7 +35,7 @@ def test_greedy_generate_matches_transformers(hf_dir, greedy, mesh, strategy):
     assert alone[0].token_ids == expected[-1]
 
 
-def test_text_prompts_stop_tokens_and_errors(hf_dir, greedy):
+def test_text_prompts_stop_tokens_sampling_fields_and_errors(hf_dir, greedy):
     eng = Engine.from_pretrained(hf_dir / "model", mesh="1x1", strategy="replicated", max_loras=1, max_lora_rank=8,
                                  max_batch=2, max_seq_len=32)
     prompt = greedy["prompts"][0]
@@ -56,6 +56,10 @@ def test_text_prompts_stop_tokens_and_errors(hf_dir, greedy):
     with pytest.raises(KeyError, match="nope"):
         eng.generate([prompt], adapters=["nope"])
     assert eng.generate([prompt], max_tokens=2)[0].token_ids == greedy["base"][0][:2]
+    forced = eng.generate([prompt], max_tokens=3, logit_bias={5: 100.0}, logprobs=2, ignore_eos=True)[0]
+    assert forced.token_ids == [5, 5, 5] and [e.token for e in forced.logprobs] == [5, 5, 5]
+    assert all(len(e.top) == 2 and e.logprob <= e.top[0][1] for e in forced.logprobs)
+    assert eng.generate([prompt], max_tokens=2)[0].logprobs is None
 
 
 def test_adapters_are_reread_from_disk_and_a_vanished_one_fails_only_its_requests(hf_dir, greedy, tmp_path):

@@ -60,7 +60,7 @@ def test_batched_prefill_gives_the_greedy_continuations_of_one_prompt_per_call(e
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
 
-def test_no_compilation_after_warm_up_in_a_mixed_greedy_and_sampling_run(hf_dir):
+def test_no_compilation_after_warm_up_in_a_mixed_run_of_sampling_penalties_and_logprobs(hf_dir):
     CompileCounter.install()
     eng = _engine(hf_dir)
     eng.pool.warm_up()
@@ -68,7 +68,10 @@ def test_no_compilation_after_warm_up_in_a_mixed_greedy_and_sampling_run(hf_dir)
     before = CompileCounter.count()
     prompts = _prompts(eng.model_config.vocab_size) * 2
     params = [SamplingParams(temperature=0.0, max_tokens=5), SamplingParams(temperature=0.8, top_p=0.9, max_tokens=7),
-              SamplingParams(temperature=1.0, top_k=20, max_tokens=4), SamplingParams(temperature=1.2, max_tokens=6)]
+              SamplingParams(temperature=1.0, top_k=20, max_tokens=4), SamplingParams(temperature=1.2, max_tokens=6),
+              SamplingParams(temperature=0.0, max_tokens=5, repetition_penalty=1.3, logprobs=3),
+              SamplingParams(temperature=0.7, max_tokens=6, logit_bias=((5, 2.0),), min_tokens=4, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=4, logprobs=0, presence_penalty=0.5, frequency_penalty=0.5)]
     requests = [Request(p, ADAPTERS[i % len(ADAPTERS)], params[i % len(params)]) for i, p in enumerate(prompts)]
     eng.generator.run(requests)
     assert all(r.finish_reason == "length" for r in requests)

@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import penalized_reference
 
 from bdlora_jax.engine.sampler import SamplingParams, _top_p_keep, row_keys, sample
+from bdlora_jax.errors import InvalidRequestError
 
 VOCAB = 64
 ROWS = 32
@@ -269,3 +271,76 @@ def test_unfiltered_draws_over_many_chunks_in_proportion():
     counts = np.bincount(tokens, minlength=1000)
     probs = np.exp(np.where(np.isfinite(logits_row), logits_row, -np.inf))
     assert _chi_square(counts, probs / probs.sum()) < 16.3  # 3 degrees of freedom, p = 0.001
+
+
+# ---------------------------------------------------------------------------- logit adjustments and logprobs
+
+
+def test_adjust_equals_the_numpy_reference_of_bias_and_penalties():
+    from bdlora_jax.engine.penalties import adjust, prompt_mask
+
+    rng = np.random.default_rng(11)
+    rows, width = 6, 4
+    logits = (rng.normal(size=(rows, VOCAB)) * 3).astype(np.float32)
+    prompts = [list(rng.integers(0, VOCAB, rng.integers(1, 12))) for _ in range(rows)]
+    outputs = [list(rng.integers(0, VOCAB // 4, rng.integers(0, 20))) for _ in range(rows)]  # repeats, surely
+    biases = [dict(zip(rng.choice(VOCAB, width, replace=False).tolist(), rng.uniform(-100, 100, width).tolist()))
+              for _ in range(rows)]
+    penalties = np.array([rng.uniform(0.5, 2.0, rows), rng.uniform(-2, 2, rows), rng.uniform(-2, 2, rows)],
+                         np.float32)
+    penalties[:, 0] = (1.0, 0.0, 0.0)  # a neutral row stays exactly as it was, bias aside
+    ids = np.array([list(b) for b in biases], np.int32)
+    values = np.array([list(b.values()) for b in biases], np.float32)
+    counts = np.stack([np.bincount(np.asarray(o, int), minlength=VOCAB) for o in outputs]).astype(np.int32)
+    got = np.asarray(jax.jit(adjust)(logits, ids, values, prompt_mask(prompts, rows, VOCAB), counts, penalties))
+    for i in range(rows):
+        want = penalized_reference(logits[i], biases[i], prompts[i], outputs[i], *penalties[:, i])
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-4)
+    unbiased = np.asarray(jax.jit(adjust)(logits, ids, np.zeros_like(values), prompt_mask(prompts, rows, VOCAB),
+                                          counts, penalties))
+    np.testing.assert_array_equal(unbiased[0], logits[0])
+    assert np.abs(unbiased[1:] - logits[1:]).max() > 0.1
+
+
+def test_token_logprobs_are_log_softmax_at_the_chosen_and_top_tokens():
+    from bdlora_jax.engine.logprobs import token_logprobs
+
+    logits = _random_logits(seed=12)
+    tokens = np.random.default_rng(13).integers(0, VOCAB, ROWS).astype(np.int32)
+    chosen, values, ids = (np.asarray(a) for a in jax.jit(token_logprobs, static_argnums=2)(logits, tokens, 5))
+    logp = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    np.testing.assert_allclose(chosen, logp[np.arange(ROWS), tokens], atol=1e-5)
+    np.testing.assert_array_equal(ids, np.argsort(-logits, axis=-1, kind="stable")[:, :5])
+    np.testing.assert_allclose(values, np.take_along_axis(logp, ids, axis=-1), atol=1e-5)
+
+
+def test_validate_accepts_the_new_fields_at_their_edges():
+    SamplingParams(logit_bias=((0, -100.0), (VOCAB - 1, 100.0)), presence_penalty=-2.0, frequency_penalty=2.0,
+                   repetition_penalty=1e-3, logprobs=20, ignore_eos=True, min_tokens=16).validate(VOCAB)
+    SamplingParams(logit_bias=tuple((t, 1.0) for t in range(300)), logprobs=0).validate(1000)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("logit_bias", ((VOCAB, 1.0),), r"logit_bias token ids must be in \[0, 64\), got \[64\]"),
+        ("logit_bias", ((-1, 1.0),), r"logit_bias token ids must be in \[0, 64\), got \[-1\]"),
+        ("logit_bias", ((3, 100.5),), r"logit_bias values must be in \[-100, 100\], got \[100.5\]"),
+        ("logit_bias", ((3, float("nan")),), r"logit_bias values must be in \[-100, 100\], got \[nan\]"),
+        ("logit_bias", ((3, 1.0), (3, 2.0)), r"logit_bias names a token id more than once"),
+        ("logit_bias", tuple((t % VOCAB, 0.0) for t in range(301)), r"logit_bias may hold at most 300 tokens"),
+        ("presence_penalty", 2.5, r"presence_penalty must be in \[-2, 2\], got 2.5"),
+        ("frequency_penalty", -2.1, r"frequency_penalty must be in \[-2, 2\], got -2.1"),
+        ("frequency_penalty", float("nan"), r"frequency_penalty must be in \[-2, 2\], got nan"),
+        ("repetition_penalty", 0.0, r"repetition_penalty must be > 0 and finite, got 0.0"),
+        ("repetition_penalty", float("inf"), r"repetition_penalty must be > 0 and finite, got inf"),
+        ("logprobs", 21, r"logprobs must be in \[0, 20\], got 21"),
+        ("logprobs", -1, r"logprobs must be in \[0, 20\], got -1"),
+        ("min_tokens", 17, r"min_tokens must be in \[0, max_tokens=16\], got 17"),
+        ("min_tokens", -1, r"min_tokens must be in \[0, max_tokens=16\], got -1"),
+    ],
+)
+def test_validate_names_the_bad_new_field(field, value, message):
+    with pytest.raises(InvalidRequestError, match=message) as info:
+        SamplingParams(**{field: value}).validate(VOCAB)
+    assert info.value.field == field

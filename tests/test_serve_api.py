@@ -389,7 +389,7 @@ def test_load_use_unload(app, engine, reference, adapter_dirs):
         assert_error(complete(app, model=name, prompt="Hi"), 404, name)
     # the name is free again
     assert load(app, "new-dense", adapter_dirs["dense"]).status_code == 200
-    assert greedy(app, "new-dense", "Hi", max_tokens=3)["usage"]["completion_tokens"] == 3
+    assert greedy(app, "new-dense", "Hi", max_tokens=3, ignore_eos=True)["usage"]["completion_tokens"] == 3
     assert unload(app, "new-dense").status_code == 200
     assert_serving(app)
 
@@ -474,7 +474,7 @@ def test_unload_adapter_of_running_request(app, scheduler, adapter_dirs, monkeyp
         async with client(app) as c:
             long = asyncio.create_task(c.post("/v1/completions", json={
                 "model": "held", "prompt": "Hold on", "max_tokens": MAX_SEQ_LEN - 10, "temperature": 0,
-                "stream": True}))
+                "stream": True, "ignore_eos": True}))
             # freeze the scheduler at the first step boundary where the request runs (it cannot finish while
             # frozen), queue the unload, go on: the unload runs before the next step
             gate = await hold_when(scheduler, lambda: "held" in scheduler.generator.adapters_in_use())
@@ -505,7 +505,8 @@ def test_unload_adapter_of_waiting_request(app, scheduler, adapter_dirs, monkeyp
         async with client(app) as c:
             gate, _held, _ = pause(scheduler)  # nothing runs until the gate opens
             request = asyncio.create_task(c.post("/v1/completions", json={
-                "model": "queued", "prompt": "Wait for me", "max_tokens": 4, "temperature": 0}))
+                "model": "queued", "prompt": "Wait for me", "max_tokens": 4, "temperature": 0,
+                "ignore_eos": True}))
             await until(lambda: scheduler.counts()[1] == 1, "the request to be queued")
             monkeypatch.setattr(scheduler, "call", spy)
             refused = asyncio.create_task(c.post("/v1/unload_lora_adapter", json={"lora_name": "queued"}))
@@ -536,7 +537,7 @@ def test_request_whose_adapter_vanished_fails_alone(app, scheduler):
         async with client(app) as c:
             gate, _held, _ = pause(scheduler)
             good = asyncio.create_task(c.post("/v1/completions", json={
-                "model": SERVED, "prompt": "Beside it", "max_tokens": 6, "temperature": 0}))
+                "model": SERVED, "prompt": "Beside it", "max_tokens": 6, "temperature": 0, "ignore_eos": True}))
             await until(lambda: scheduler.counts()[1] == 1, "the good request to be queued")
             scheduler.submit(ghost)
             gate.set()
@@ -597,13 +598,13 @@ def _stop_string(text: str) -> str:
 
 
 def test_stop_strings(app, reference):
-    full = greedy(app, DEMO[0], "Stop me", max_tokens=60)["choices"][0]["text"]
+    full = greedy(app, DEMO[0], "Stop me", max_tokens=60, ignore_eos=True)["choices"][0]["text"]
     stop = _stop_string(full)
     cut = full[:full.find(stop)]
     for stream in (False, True):
         response = call(app, "POST", "/v1/completions", json={
             "model": DEMO[0], "prompt": "Stop me", "max_tokens": 60, "temperature": 0, "stop": [stop, "\x00never"],
-            "stream": stream})
+            "stream": stream, "ignore_eos": True})
         assert response.status_code == 200
         if stream:
             chunks = sse_chunks(response.text)
@@ -613,10 +614,10 @@ def test_stop_strings(app, reference):
         assert text == cut, (stop, full)
         assert finish == "stop"
     # a stop string as a plain string, and a stop token id
-    assert greedy(app, DEMO[0], "Stop me", max_tokens=60, stop=stop)["choices"][0]["text"] == cut
+    assert greedy(app, DEMO[0], "Stop me", max_tokens=60, stop=stop, ignore_eos=True)["choices"][0]["text"] == cut
     ids = [72, 101, 108]
-    tokens = reference.generate([ids], max_tokens=10)[0].token_ids
-    stopped = greedy(app, SERVED, ids, max_tokens=10, stop_token_ids=[tokens[3]])
+    tokens = reference.generate([ids], max_tokens=10, ignore_eos=True)[0].token_ids
+    stopped = greedy(app, SERVED, ids, max_tokens=10, stop_token_ids=[tokens[3]], ignore_eos=True)
     assert stopped["choices"][0]["finish_reason"] == "stop"
     assert stopped["usage"]["completion_tokens"] == tokens.index(tokens[3]) + 1
     assert_serving(app)
@@ -636,7 +637,7 @@ def test_metrics(app, scheduler):
         assert any(key == name or key.startswith((name + "_", name + "{")) for key in before), name
     assert before["bdlora_requests_running"] == 0 and before["bdlora_requests_waiting"] == 0
     assert before["bdlora_adapters_registered"] == len(model_ids(app)) - 1
-    greedy(app, SERVED, "Count these", max_tokens=7)
+    greedy(app, SERVED, "Count these", max_tokens=7, ignore_eos=True)
     after = settled_metrics(app, scheduler)
     assert after["bdlora_generated_tokens_total"] - before["bdlora_generated_tokens_total"] == 7
     key = 'bdlora_requests_finished_total{reason="length"}'

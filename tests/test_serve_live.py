@@ -282,7 +282,8 @@ def test_models_completions_streaming(server, request):
         client.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=SERVED, prompt="Hi", max_tokens=0)
-    assert client.completions.create(model=SERVED, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model=SERVED, prompt="Hi", max_tokens=2,
+                                     extra_body={"ignore_eos": True}).usage.completion_tokens == 2
     server.assert_no_compilations_after_warmup()
     server.assert_clean_log()
 
@@ -311,7 +312,8 @@ def test_load_use_unload_adapter(server, adapter_dirs, request):
     # unloading again: 404 with an OpenAI error body
     response = unload(server, LIVE_ADAPTERS[0])
     assert response.status_code == 404 and LIVE_ADAPTERS[0] in response.json()["error"]["message"]
-    assert client.completions.create(model=DEMO[0], prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model=DEMO[0], prompt="Hi", max_tokens=2,
+                                     extra_body={"ignore_eos": True}).usage.completion_tokens == 2
     server.assert_no_compilations_after_warmup()
     server.assert_clean_log()
 
@@ -373,7 +375,7 @@ def test_client_disconnect_mid_stream_frees_its_row(bdlora_server):
     before = server.metrics().get(abort, 0.0)
     client = server.client()
     stream = client.completions.create(model=DEMO[1], prompt="Talk for a long time", temperature=0,
-                                       max_tokens=MAX_SEQ_LEN - 30, stream=True)
+                                       max_tokens=MAX_SEQ_LEN - 30, stream=True, extra_body={"ignore_eos": True})
     first = next(iter(stream))
     assert first.choices[0].finish_reason is None
     stream.close()  # the client goes away mid-stream
@@ -381,7 +383,8 @@ def test_client_disconnect_mid_stream_frees_its_row(bdlora_server):
     now = server.wait_metrics(lambda m: m.get(abort, 0.0) >= before + 1 and m["bdlora_requests_running"] == 0)
     assert now.get(abort, 0.0) == before + 1, f"the disconnected request was not aborted: {now['_text']}"
     assert now["bdlora_requests_running"] == 0 and now["bdlora_requests_waiting"] == 0
-    out = client.completions.create(model=DEMO[1], prompt="Still there?", max_tokens=4, temperature=0)
+    out = client.completions.create(model=DEMO[1], prompt="Still there?", max_tokens=4, temperature=0,
+                                    extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
     server.assert_no_compilations_after_warmup()
     server.assert_clean_log()

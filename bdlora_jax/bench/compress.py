@@ -79,11 +79,11 @@ def error_table(adapters, config, ranks, clusters, method: str, keep: tuple[int,
 
 def _throughput(engine, prompts, names, new_tokens: int, repeats: int) -> float:
     """Median generated tokens/s of the prompts with their adapters, after one warm-up run."""
-    engine.generate(prompts, adapters=names, max_tokens=new_tokens)
+    engine.generate(prompts, adapters=names, max_tokens=new_tokens, ignore_eos=True)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        engine.generate(prompts, adapters=names, max_tokens=new_tokens)
+        engine.generate(prompts, adapters=names, max_tokens=new_tokens, ignore_eos=True)
         times.append(time.perf_counter() - start)
     return len(prompts) * new_tokens / statistics.median(times)
 

@@ -93,7 +93,7 @@ def throughput(engine, configurations: dict[str, list], prompt_len: int, new_tok
 
     def timed(names):
         start = time.perf_counter()
-        engine.generate(prompts, adapters=names, max_tokens=new_tokens, temperature=0.0)
+        engine.generate(prompts, adapters=names, max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         return time.perf_counter() - start
 
     for names in configurations.values():

@@ -212,8 +212,16 @@ class Engine:
         seed: int | None = None,
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
+        logit_bias: dict[int, float] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logprobs: int | None = None,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
     ) -> list[Completion]:
-        """Complete every prompt (continuous batching over max_batch rows), each under its own adapter.
+        """Complete every prompt (continuous batching over max_batch rows), each under its own adapter; a completion
+        ends at the model's EOS unless ignore_eos (see SamplingParams for the sampling arguments).
 
         For offline use: it drives the generator itself, so do not call it while a Scheduler is serving.
         """
@@ -221,7 +229,10 @@ class Engine:
         if len(adapters) != len(prompts):
             raise InvalidRequestError("adapters", f"{len(prompts)} prompts but {len(adapters)} adapters")
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens,
-                                stop=tuple(stop), stop_token_ids=tuple(stop_token_ids))
+                                stop=tuple(stop), stop_token_ids=tuple(stop_token_ids),
+                                logit_bias=tuple((logit_bias or {}).items()), presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                                logprobs=logprobs, ignore_eos=ignore_eos, min_tokens=min_tokens)
         params.validate(self.model_config.vocab_size)
         requests = []
         for prompt, adapter in zip(prompts, adapters):
@@ -235,4 +246,5 @@ class Engine:
             requests.append(Request(ids, adapter, params))
         done = self.generator.run(requests)
         decode = self.tokenizer.decode if self.tokenizer is not None else None
-        return [Completion(r.output, decode(r.output) if decode else None, r.finish_reason) for r in done]
+        return [Completion(r.output, decode(r.output) if decode else None, r.finish_reason,
+                           r.logprobs if logprobs is not None else None) for r in done]

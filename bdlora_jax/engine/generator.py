@@ -12,6 +12,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,9 @@ import numpy as np
 
 from ..errors import AdapterError, PoolFullError
 from ..model.llama import AdapterBatch, cache_shape, forward, init_cache, slot_groups
-from .sampler import SamplingParams, row_keys, sample
+from .logprobs import TokenLogprob, row_logprob, token_logprobs
+from .penalties import adjust, history, prompt_mask, record_tokens_jit, reset_rows_jit
+from .sampler import MAX_LOGIT_BIAS, MAX_MIN_TOKENS_STOP_IDS, MAX_TOP_LOGPROBS, SamplingParams, row_keys, sample
 
 MIN_BUCKET = 16
 MAX_PREFILL_TOKENS = 512  # tokens of one batched prefill call (prompts x bucket), unless one prompt needs more
@@ -34,12 +37,23 @@ def adapter_batch(bank, compressed: dict | None, slots, clusters, sigma_ids, gro
     return AdapterBatch(bank, slots, compressed=compressed, clusters=clusters, sigma_ids=sigma_ids, groups=groups)
 
 
-@jax.jit
-def _sample(logits: jax.Array, sampling: tuple[jax.Array, jax.Array]) -> jax.Array:
+@partial(jax.jit, static_argnames=("top_logprobs",))
+def _sample(logits: jax.Array, sampling: tuple[jax.Array, jax.Array], adjustments=None, top_logprobs: int = 0):
     """The sampler on per-row (temperature, top_p) floats and (top_k, seed, step) ints, keys made on the device;
-    its own jitted call (compiled once per row count) rather than a part of every prefill and decode variant."""
+    its own jitted call (compiled once per row count and variant) rather than a part of every prefill and decode one.
+
+    Two variants per row count: the plain one (adjustments None, top_logprobs 0: the logits as they are), and the full
+    one: adjustments (ids, values, penalties, seen, counts, state rows) for penalties.adjust and top_logprobs k to
+    return token_logprobs(raw logits, tokens, k). Returns (tokens, None or the log-probabilities).
+    """
     floats, ints = sampling
-    return sample(logits, floats[0], floats[1], ints[0], row_keys(ints[1], ints[2]))
+    raw = logits.astype(jnp.float32)
+    chosen_from = raw
+    if adjustments is not None:
+        ids, values, penalties, seen, counts, rows = adjustments
+        chosen_from = adjust(raw, ids, values, *history(seen, counts, rows), penalties)
+    tokens = sample(chosen_from, floats[0], floats[1], ints[0], row_keys(ints[1], ints[2]))
+    return tokens, (token_logprobs(raw, tokens, top_logprobs) if top_logprobs else None)
 
 
 def _insert(cache, prompt_cache, rows):
@@ -86,6 +100,7 @@ class Request:
     params: SamplingParams
     on_token: Callable[[Request, int], None] | None = None
     output: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when params.logprobs is set
     finish_reason: str | None = None
     cancelled: bool = False
     id: int = field(default_factory=lambda: next(_ids))
@@ -93,11 +108,13 @@ class Request:
 
 @dataclass
 class Completion:
-    """Generated tokens of one request, their text (when the model has a tokenizer) and why it stopped."""
+    """Generated tokens of one request, their text (when the model has a tokenizer), why it stopped, and each token's
+    log-probabilities when the request asked for them."""
 
     token_ids: list[int]
     text: str | None
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,13 @@ class Generator:
         self.tokens = np.zeros(self.rows, np.int32)
         self.positions = np.zeros(self.rows, np.int32)
         self.generated_tokens = 0
+        vocab = engine.model_config.vocab_size
+        self.eos_ids = frozenset(engine.model_config.eos_token_ids)
+        self.adjust_width = MAX_LOGIT_BIAS + MAX_MIN_TOKENS_STOP_IDS + len(self.eos_ids)
+        self.top_logprobs = min(MAX_TOP_LOGPROBS, vocab)
+        # per decode row: the prompt's tokens and how often each token was generated (kept for the penalties)
+        self.seen = jnp.zeros((self.rows, vocab), bool)
+        self.counts = jnp.zeros((self.rows, vocab), jnp.int32)
 
     def prefill_batches(self, length_bucket: int) -> list[int]:
         """Prompt counts a prefill call of this length bucket is compiled for (at most MAX_PREFILL_TOKENS tokens,
@@ -244,29 +268,33 @@ class Generator:
             request = waiting[request_id]
             self.waiting.remove(request)
             admitted.append((row, request, ids))
-        for row, request in self._prefill_admitted(admitted):
-            if self._emit(request, self.tokens[row]):
+        for row, request, logprob in self._prefill_admitted(admitted):
+            if self._emit(request, self.tokens[row], logprob):
                 finished.append(request)
             else:
                 self.running[row] = request
         decode_rows = [row for row in plan.decode_rows if row in self.running]
         if decode_rows:
-            new = np.asarray(self.decode(plan))
+            new, logprobs = self.decode(plan)
             for row in decode_rows:
                 request = self.running[row]
                 self.tokens[row], self.positions[row] = new[row], self.positions[row] + 1
-                if self._emit(request, int(new[row])):
+                if self._emit(request, int(new[row]), self._logprob(request, logprobs, row, new[row])):
                     del self.running[row]
                     finished.append(request)
         return finished
 
-    def decode(self, plan: StepPlan) -> jax.Array:
-        """Run the decode step of a plan; the base-model step when no row uses an adapter."""
+    def decode(self, plan: StepPlan) -> tuple[np.ndarray, tuple | None]:
+        """Run the decode step of a plan; returns each row's token and, when a row asked for them, the
+        log-probabilities (see _sample_rows)."""
+        return self._sample_rows(self._decode_logits(plan), [self.running.get(i) for i in range(self.rows)],
+                                 np.arange(self.rows, dtype=np.int32))
+
+    def _decode_logits(self, plan: StepPlan) -> jax.Array:
+        """The next-token logits of every decode row, by the base-model step when no row uses an adapter."""
         ids = np.zeros((3, self.rows), np.int32)
         for array, values in zip(ids, (plan.decode_slots, plan.decode_clusters, plan.decode_sigma_ids)):
             array[list(plan.decode_rows)] = values
-        params = [self.running[i].params if i in self.running else _IDLE for i in range(self.rows)]
-        steps = [len(self.running[i].output) if i in self.running else 0 for i in range(self.rows)]
         tokens, positions = self.tokens, self.positions
         if not ids[0].any() and not ids[2].any():
             logits, self.cache = self._decode_base_jit(self.engine.state, self.cache, tokens, positions)
@@ -274,11 +302,62 @@ class Generator:
             logits, self.cache = self._decode_jit(self.engine.state, self.cache, self.engine.pool.bank,
                                                   self.engine.compressed_arrays, tokens, positions, ids,
                                                   self.groups(ids[0]))
-        return _sample(logits, self._sampling(params, steps))
+        return logits
 
-    def _prefill_admitted(self, admitted: list[tuple[int, Request, list[int]]]) -> list[tuple[int, Request]]:
+    def _sample_rows(self, logits: jax.Array, requests: list[Request | None], state_rows: np.ndarray,
+                     prompts: list[list[int]] | None = None) -> tuple[np.ndarray, tuple | None]:
+        """One token per row of `logits` for `requests` (None: an idle row) whose histories are decode rows
+        `state_rows`: the plain _sample variant unless a row adjusts its logits or asks for log-probabilities;
+        prompts: the rows' prompts when they are just admitted (their histories start there).
+        Returns host (tokens, token_logprobs arrays or None)."""
+        params = [r.params if r is not None else _IDLE for r in requests]
+        adjusting = [r is not None and (r.params.adjusts_logits or len(r.output) < r.params.min_tokens)
+                     for r in requests]
+        steps = [len(r.output) if r is not None else 0 for r in requests]
+        if not any(adjusting) and all(p.logprobs is None for p in params):
+            tokens, _ = _sample(logits, self._sampling(params, steps))
+            return np.asarray(tokens), None
+        if prompts is not None:
+            seen = prompt_mask(prompts, len(requests), self.seen.shape[1])
+            self.seen, self.counts = reset_rows_jit(self.seen, self.counts, state_rows, seen)
+        adjustments = (*self._adjustment_arrays(requests, adjusting), self.seen, self.counts, state_rows)
+        tokens, logprobs = _sample(logits, self._sampling(params, steps), adjustments, top_logprobs=self.top_logprobs)
+        self.counts = record_tokens_jit(self.counts, state_rows, tokens)
+        return np.asarray(tokens), tuple(np.asarray(a) for a in logprobs)
+
+    def _adjustment_arrays(self, requests: list[Request | None], adjusting: list[bool]):
+        """Per-row (ids, values) of the sparse additions (logit_bias, and -inf on the stop tokens of a row still
+        under min_tokens), padded to adjust_width, and the (repetition, frequency, presence) penalties (3, rows)."""
+        ids = np.zeros((len(requests), self.adjust_width), np.int32)
+        values = np.zeros((len(requests), self.adjust_width), np.float32)
+        penalties = np.tile(np.array([[1.0], [0.0], [0.0]], np.float32), (1, len(requests)))
+        for i, (request, on) in enumerate(zip(requests, adjusting)):
+            if not on:
+                continue
+            params = request.params
+            entries = list(params.logit_bias)
+            if len(request.output) < params.min_tokens:
+                entries += [(t, -np.inf) for t in sorted(self._stop_ids(params))]
+            if entries:
+                ids[i, :len(entries)], values[i, :len(entries)] = zip(*entries)
+            penalties[:, i] = params.repetition_penalty, params.frequency_penalty, params.presence_penalty
+        return ids, values, penalties
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        """The tokens that end a request: its stop_token_ids, and the model's EOS unless it ignores EOS."""
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+
+    @staticmethod
+    def _logprob(request: Request, logprobs: tuple | None, index: int, token: int) -> TokenLogprob | None:
+        """The TokenLogprob a request asked for, from row `index` of _sample_rows' log-probabilities."""
+        if request.params.logprobs is None:
+            return None
+        return row_logprob(logprobs, index, token, request.params.logprobs)
+
+    def _prefill_admitted(self, admitted: list[tuple[int, Request, list[int]]]) -> list[tuple]:
         """Prefill admitted (row, request, (slot, cluster, Σ id)) in batched calls, one length bucket at a time,
-        each call as many prompts as its largest compiled count that the rest fill; returns (row, request)."""
+        each call as many prompts as its largest compiled count that the rest fill; returns (row, request,
+        TokenLogprob of the first token or None)."""
         by_bucket: dict[int, list] = {}
         for entry in admitted:
             by_bucket.setdefault(prompt_bucket(len(entry[1].prompt), self.max_seq_len), []).append(entry)
@@ -288,12 +367,22 @@ class Generator:
             while entries:
                 size = max([n for n in sizes if n <= len(entries)] or sizes[:1])
                 chunk, entries = entries[:size], entries[size:]
-                self._prefill_batch(chunk, length, size)
-                done.extend((row, request) for row, request, _ in chunk)
+                logprobs = self._prefill_batch(chunk, length, size)
+                done.extend((row, request, logprob) for (row, request, _), logprob in zip(chunk, logprobs))
         return done
 
-    def _prefill_batch(self, chunk: list[tuple[int, Request, list[int]]], length: int, size: int) -> None:
-        """One prefill call: `chunk`'s prompts padded to `length` tokens and `size` rows, copied into their rows."""
+    def _prefill_batch(self, chunk: list[tuple[int, Request, list[int]]], length: int, size: int) -> list:
+        """One prefill call: `chunk`'s prompts padded to `length` tokens and `size` rows, copied into their rows;
+        returns the first token's TokenLogprob (or None) of each prompt."""
+        last, rows = self._prefill_logits(chunk, length, size)
+        requests = [request for _, request, _ in chunk] + [None] * (size - len(chunk))
+        first, logprobs = self._sample_rows(last, requests, rows, [r.prompt for _, r, _ in chunk])
+        for i, (row, request, _) in enumerate(chunk):
+            self.tokens[row], self.positions[row] = first[i], len(request.prompt)
+        return [self._logprob(request, logprobs, i, first[i]) for i, (_, request, _) in enumerate(chunk)]
+
+    def _prefill_logits(self, chunk: list[tuple[int, Request, list[int]]], length: int, size: int):
+        """(last-position logits, decode row of each prompt) of one prefill call that also fills those rows' cache."""
         tokens = np.zeros((size, length), np.int32)
         lengths = np.ones(size, np.int32)
         ids = np.zeros((3, size), np.int32)
@@ -301,33 +390,42 @@ class Generator:
         for i, (row, request, request_ids) in enumerate(chunk):
             tokens[i, :len(request.prompt)] = request.prompt
             lengths[i], ids[:, i], rows[i] = len(request.prompt), request_ids, row
-        params = [request.params for _, request, _ in chunk] + [_IDLE] * (size - len(chunk))
         last, self.cache = self._prefill_jit(self.engine.state, self.cache, self.engine.pool.bank,
                                              self.engine.compressed_arrays, tokens, lengths, ids,
                                              slot_groups(ids[0], min(size, max(self.max_loras, 1))), rows)
-        first = np.asarray(_sample(last, self._sampling(params, [0] * size)))
-        for i, (row, request, _) in enumerate(chunk):
-            self.tokens[row], self.positions[row] = first[i], len(request.prompt)
+        return last, rows
 
     def warm_up(self) -> None:
-        """Compile every prefill (length bucket x prompt count), insert and decode variant, so serving compiles
-        nothing new; the decode state is left as it was (all rows idle)."""
+        """Compile every prefill (length bucket x prompt count), insert and decode variant, each with every sampler
+        variant, so serving compiles nothing new; the decode state is left as it was (all rows idle)."""
         for length in prompt_buckets(self.max_seq_len):
             for size in self.prefill_batches(length):
-                self._prefill_batch([], length, size)
+                self._warm_sampler(*self._prefill_logits([], length, size), prompts=[[0]])
         for groups in [0, *self.group_sizes]:
             slots = tuple(range(1, groups + 1)) + (0,) * (self.rows - groups)
-            self.decode(StepPlan((), slots, tuple(range(self.rows)), (0,) * self.rows, (0,) * self.rows))
+            plan = StepPlan((), slots, tuple(range(self.rows)), (0,) * self.rows, (0,) * self.rows)
+            self._warm_sampler(self._decode_logits(plan), np.full(self.rows, self.rows, np.int32), prompts=None)
 
-    def _emit(self, request: Request, token: int) -> bool:
-        """Record a token, tell the listener, and return whether the request is now finished."""
+    def _warm_sampler(self, logits: jax.Array, past_end: np.ndarray, prompts: list[list[int]] | None) -> None:
+        """Run both _sample variants (plain, full) on `logits` as _sample_rows does, for requests whose state rows
+        lie past the end, so the penalty state is left as it was."""
+        for params in _WARM_UP_PARAMS:
+            requests = [Request([0], None, params)] + [None] * (len(past_end) - 1)
+            self._sample_rows(logits, requests, past_end, prompts)
+
+    def _emit(self, request: Request, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Record a token (and its log-probabilities), tell the listener, and return whether the request is now
+        finished: by a stop token, EOS (unless ignore_eos) or stop string once min_tokens are out, or by length."""
+        if logprob is not None:
+            request.logprobs.append(logprob)
         request.output.append(int(token))
         self.generated_tokens += 1
         params = request.params
         tokenizer = self.engine.tokenizer
-        stop_string = bool(params.stop) and tokenizer is not None and any(
+        may_stop = len(request.output) >= params.min_tokens
+        stop_string = may_stop and bool(params.stop) and tokenizer is not None and any(
             s in tokenizer.decode(request.output) for s in params.stop)
-        if request.output[-1] in params.stop_token_ids or stop_string:
+        if may_stop and (request.output[-1] in self._stop_ids(params) or stop_string):
             request.finish_reason = "stop"
         elif len(request.output) >= params.max_tokens:
             request.finish_reason = "length"
@@ -345,3 +443,4 @@ class Generator:
 
 
 _IDLE = SamplingParams(temperature=0.0, seed=0)
+_WARM_UP_PARAMS = (_IDLE, SamplingParams(temperature=0.0, seed=0, repetition_penalty=2.0, logprobs=0))

@@ -17,11 +17,20 @@ from ..errors import InvalidRequestError
 
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_SEED = 2**31 - 1
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+MAX_BIAS = 100.0  # each bias lies in [-MAX_BIAS, MAX_BIAS]
+MAX_MIN_TOKENS_STOP_IDS = 300  # stop_token_ids a row under min_tokens can have banned at once
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on `logprobs` for completions
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its tokens; temperature 0 is greedy, top_k 0 and top_p 1 switch those filters off."""
+    """How one request picks its tokens; temperature 0 is greedy, top_k 0 and top_p 1 switch those filters off.
+
+    logit_bias: (token id, bias) pairs added to the logits; the penalties' neutral values are 1 (repetition) and 0
+    (presence, frequency); logprobs: None, or how many most likely tokens to report with each token's log-probability;
+    ignore_eos: go on past the model's EOS; min_tokens: no EOS, stop token or stop string before that many tokens.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -30,6 +39,19 @@ class SamplingParams:
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether a bias or a penalty changes this request's logits at every step."""
+        return bool(self.logit_bias) or (self.presence_penalty, self.frequency_penalty,
+                                         self.repetition_penalty) != (0.0, 0.0, 1.0)
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequestError for the first field outside its range (its `field` names it)."""
@@ -47,6 +69,35 @@ class SamplingParams:
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise InvalidRequestError("stop_token_ids", f"stop_token_ids must be in [0, {vocab_size}), got {bad}")
+        self._validate_logit_bias(vocab_size)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidRequestError(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0 or self.repetition_penalty == float("inf"):
+            raise InvalidRequestError("repetition_penalty",
+                                      f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError("logprobs", f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                                                    f"got {self.min_tokens}")
+        if self.min_tokens and len(set(self.stop_token_ids)) > MAX_MIN_TOKENS_STOP_IDS:
+            raise InvalidRequestError("stop_token_ids", f"with min_tokens, at most {MAX_MIN_TOKENS_STOP_IDS} "
+                                                        f"stop_token_ids, got {len(set(self.stop_token_ids))}")
+
+    def _validate_logit_bias(self, vocab_size: int) -> None:
+        """logit_bias: at most MAX_LOGIT_BIAS entries, token ids in the vocabulary, biases in [-100, 100]."""
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError("logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, "
+                                                    f"got {len(self.logit_bias)}")
+        bad = [t for t, _ in self.logit_bias if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError("logit_bias", f"logit_bias token ids must be in [0, {vocab_size}), got {bad}")
+        bad = [b for _, b in self.logit_bias if not -MAX_BIAS <= b <= MAX_BIAS]
+        if bad:
+            raise InvalidRequestError("logit_bias", f"logit_bias values must be in [-100, 100], got {bad}")
+        if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
+            raise InvalidRequestError("logit_bias", "logit_bias names a token id more than once")
 
 
 CANDIDATES = 64  # tokens a top-k / top-p row draws from without touching the rest of the vocabulary

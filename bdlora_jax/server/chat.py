@@ -70,7 +70,7 @@ def chat_events(choices: Choices, chat_id: str, model: str, with_usage: bool):
                for i in range(len(choices.submitted))]
     return sse_events(
         choices, opening,
-        lambda index, piece, finish: delta_chunk(chat_id, model, index, {"content": piece} if piece else {}, finish),
+        lambda index, piece, finish, _span: delta_chunk(chat_id, model, index, {"content": piece} if piece else {}, finish),
         (lambda counts: {**chat_object(chat_id, model, [], "chat.completion.chunk"), "usage": counts})
         if with_usage else None)
 

@@ -72,21 +72,25 @@ class Choices:
         return [(stream.text(list(s.request.output))[0], s.request.finish_reason)
                 for s, stream in zip(self.submitted, self.streams)]
 
-    async def pieces(self) -> AsyncIterator[tuple[int, str, str | None]]:
-        """(choice index, text piece, finish reason once it has ended) as tokens arrive, over all choices: each
-        piece once no stop string can take it back; a failed choice raises its error."""
+    async def pieces(self) -> AsyncIterator[tuple[int, str, str | None, tuple[int, int]]]:
+        """(choice index, text piece, finish reason once it has ended, the span of output tokens reported since the
+        choice's previous piece) as tokens arrive, over all choices: each piece once no stop string can take it
+        back; a failed choice raises its error."""
         arrived: asyncio.Queue = asyncio.Queue()
 
         async def follow(index: int, submitted: SubmittedRequest, stream: TextStream) -> None:
             """Put the pieces of one choice on the shared queue (or its error, which ends the stream)."""
-            request = submitted.request
+            request, reported = submitted.request, 0
             try:
                 while True:
                     await submitted.next_token()
                     done = request.finish_reason is not None
-                    piece = stream.delta(list(request.output), final=done)
+                    output = list(request.output)
+                    piece = stream.delta(output, final=done)
                     if piece or done:
-                        arrived.put_nowait((index, piece, request.finish_reason if done else None))
+                        arrived.put_nowait((index, piece, request.finish_reason if done else None,
+                                            (reported, len(output))))
+                        reported = len(output)
                     if done:
                         return
             except BdloraError as e:
@@ -107,15 +111,15 @@ class Choices:
             self.cancel_unfinished()
 
 
-async def sse_events(choices: Choices, opening: list[dict], piece_chunk: Callable[[int, str, str | None], dict],
-                     usage_chunk: Callable[[dict], dict] | None) -> AsyncIterator[str]:
+async def sse_events(choices: Choices, opening: list[dict],
+                     piece_chunk: Callable[[int, str, str | None, tuple[int, int]], dict], usage_chunk: Callable[[dict], dict] | None) -> AsyncIterator[str]:
     """Server-sent events: the opening chunks, a chunk for each piece of each choice, the usage chunk when one is
     asked for, then [DONE]; an error event ends the stream instead when a choice fails."""
     try:
         for chunk in opening:
             yield sse(chunk)
-        async for index, piece, finish in choices.pieces():
-            yield sse(piece_chunk(index, piece, finish))
+        async for index, piece, finish, span in choices.pieces():
+            yield sse(piece_chunk(index, piece, finish, span))
         if usage_chunk is not None:
             yield sse(usage_chunk(choices.usage()))
         yield "data: [DONE]\n\n"

@@ -18,6 +18,7 @@ from ..errors import (
     RequestFailedError,
 )
 from .choices import Choices, choice_params, sse_events
+from .completion_logprobs import completion_logprobs
 from .context import ServerContext, server_context
 from .request_bodies import CompletionBody, GenerationBody
 
@@ -46,9 +47,26 @@ def sampling_params(body: GenerationBody, vocab_size: int) -> SamplingParams:
     """The request's sampling parameters, validated (InvalidRequestError names a field out of range)."""
     params = SamplingParams(temperature=float(body.temperature), top_p=float(body.top_p), top_k=body.top_k,
                             seed=body.seed, max_tokens=body.max_tokens, stop=stop_strings(body),
-                            stop_token_ids=tuple(body.stop_token_ids or ()))
+                            stop_token_ids=tuple(body.stop_token_ids or ()), logit_bias=logit_bias(body),
+                            presence_penalty=float(body.presence_penalty),
+                            frequency_penalty=float(body.frequency_penalty),
+                            repetition_penalty=float(body.repetition_penalty),
+                            logprobs=getattr(body, "logprobs", None),
+                            ignore_eos=body.ignore_eos, min_tokens=body.min_tokens)
     params.validate(vocab_size)
     return params
+
+
+def logit_bias(body: GenerationBody) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; its JSON keys must be token ids written as integers."""
+    pairs = []
+    for key, bias in (body.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequestError("logit_bias", f"logit_bias keys must be token ids, got {key!r}") from None
+        pairs.append((token, float(bias)))
+    return tuple(pairs)
 
 
 def stop_strings(body: GenerationBody) -> tuple[str, ...]:
@@ -114,9 +132,16 @@ def echo_text(engine, prompt: Any, ids: list[int]) -> str:
     return engine.tokenizer.decode(ids) if engine.tokenizer is not None else ""
 
 
-def completion_choice(index: int, text: str, finish: str | None) -> dict:
+def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
     """One choice of a text_completion object."""
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def choice_logprobs(tokenizer, request: Request, span: tuple[int, int]) -> dict | None:
+    """The choice's `logprobs` for output tokens span[0]..span[1]-1 (None unless the request asked for them)."""
+    if request.params.logprobs is None:
+        return None
+    return completion_logprobs(tokenizer, list(request.output[:span[1]]), request.logprobs, *span)
 
 
 def completion_object(completion_id: str, model: str, choices: list[dict]) -> dict:
@@ -129,17 +154,25 @@ def completion_events(choices: Choices, completion_id: str, model: str, echo: st
     """The stream of a completion: each choice's echoed prompt first (with echo), then its pieces as they come."""
     opening = [completion_object(completion_id, model, [completion_choice(i, echo, None)])
                for i in range(len(choices.submitted)) if echo]
+    tokenizer = choices.streams[0].tokenizer
+
+    def piece_chunk(index: int, piece: str, finish: str | None, span: tuple[int, int]) -> dict:
+        logprobs = choice_logprobs(tokenizer, choices.submitted[index].request, span)
+        return completion_object(completion_id, model, [completion_choice(index, piece, finish, logprobs)])
+
     return sse_events(
-        choices, opening,
-        lambda index, piece, finish: completion_object(completion_id, model, [completion_choice(index, piece, finish)]),
+        choices, opening, piece_chunk,
         (lambda counts: {**completion_object(completion_id, model, []), "usage": counts}) if with_usage else None)
 
 
 async def whole_completion(choices: Choices, completion_id: str, model: str, echo: str) -> dict:
     """The finished completion, every choice with the echoed prompt before its text, and its usage."""
     finished = await choices.finished()
-    answer = completion_object(completion_id, model, [completion_choice(i, echo + text, finish)
-                                                      for i, (text, finish) in enumerate(finished)])
+    tokenizer = choices.streams[0].tokenizer
+    answer = completion_object(completion_id, model, [
+        completion_choice(i, echo + text, finish,
+                          choice_logprobs(tokenizer, s.request, (0, len(s.request.output))))
+        for i, ((text, finish), s) in enumerate(zip(finished, choices.submitted))])
     answer["usage"] = choices.usage()
     return answer
 

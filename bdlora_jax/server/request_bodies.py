@@ -40,7 +40,7 @@ class StreamOptions(BaseModel):
 
 class GenerationBody(BaseModel):
     """What completions and chat completions share: the model, sampling, stop conditions, n choices and streaming
-    (top_k, seed and stop_token_ids are vLLM's)."""
+    (top_k, seed, stop_token_ids, repetition_penalty, ignore_eos and min_tokens are vLLM's)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str
@@ -53,6 +53,12 @@ class GenerationBody(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = 1
+    logit_bias: dict[str, StrictFloat | StrictInt] | None = None
+    presence_penalty: StrictFloat | StrictInt = 0.0
+    frequency_penalty: StrictFloat | StrictInt = 0.0
+    repetition_penalty: StrictFloat | StrictInt = 1.0
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = 0
     user: StrictStr | None = None
 
 
@@ -62,6 +68,7 @@ class CompletionBody(GenerationBody):
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     max_tokens: StrictInt = 16
     echo: StrictBool = False
+    logprobs: StrictInt | None = None
 
 
 class ChatBody(GenerationBody):
