@@ -57,6 +57,11 @@ def http_client(app) -> httpx.AsyncClient:
 
 
 def post(app, path: str, body: dict) -> httpx.Response:
+    """POST a JSON body; generation runs past EOS (ignore_eos) unless the body says otherwise, so max_tokens pins
+    the lengths these tests count."""
+    if isinstance(body, dict):
+        body = {"ignore_eos": True, **body}
+
     async def go():
         async with http_client(app) as c:
             return await c.post(path, json=body)
@@ -102,10 +107,11 @@ def test_openai_client_chat(app, engine, model):
     async def go():
         async with openai_client(app) as client:
             whole = await client.chat.completions.create(model=model, messages=CONVERSATION, max_tokens=10,
-                                                         temperature=0)
+                                                         temperature=0, extra_body={"ignore_eos": True})
             stream = await client.chat.completions.create(model=model, messages=CONVERSATION, max_tokens=10,
                                                           temperature=0, stream=True,
-                                                          stream_options={"include_usage": True})
+                                                          stream_options={"include_usage": True},
+                                                          extra_body={"ignore_eos": True})
             return whole, [chunk async for chunk in stream]
 
     whole, chunks = asyncio.run(go())
@@ -306,9 +312,11 @@ def test_unsupported_completion_fields(app, field, value):
 def test_openai_client_completions_n_and_usage(app):
     async def go():
         async with openai_client(app) as client:
-            whole = await client.completions.create(model=SERVED, prompt="plum=", max_tokens=4, temperature=0, n=2)
+            whole = await client.completions.create(model=SERVED, prompt="plum=", max_tokens=4, temperature=0, n=2,
+                                                    extra_body={"ignore_eos": True})
             stream = await client.completions.create(model=SERVED, prompt="plum=", max_tokens=4, temperature=0, n=2,
-                                                     stream=True, stream_options={"include_usage": True})
+                                                     stream=True, stream_options={"include_usage": True},
+                                                     extra_body={"ignore_eos": True})
             return whole, [chunk async for chunk in stream]
 
     whole, chunks = asyncio.run(go())
