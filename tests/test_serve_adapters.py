@@ -380,7 +380,7 @@ def test_startup_adapter_broken_on_disk_fails_alone(app, engine, scheduler, dirs
     for broken in (5, "("):
         _edit_config(victim, target_modules=broken)
         failed, neighbour = asyncio.run(_victim_and_neighbour(app, scheduler))
-        assert_error(failed, 500, code="error")
+        assert_error(failed, 400, "victim", CONFIG_FILE, "target_modules", code="invalid_adapter")
         assert neighbour.status_code == 200, neighbour.text
         assert neighbour.json()["choices"][0]["text"] == usual[NEIGHBOUR]
         assert "victim" in model_ids(app) and "victim" not in engine.pool.resident

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import AdapterError, PoolFullError
+from ..errors import AdapterError, BdloraError, PoolFullError
 from ..model.llama import AdapterBatch, cache_shape, forward, init_cache, slot_groups
 from .logprobs import TokenLogprob, row_logprob, token_logprobs
 from .penalties import adjust, history, prompt_mask, record_tokens_jit, reset_rows_jit
@@ -102,6 +102,7 @@ class Request:
     output: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when params.logprobs is set
     finish_reason: str | None = None
+    error: BdloraError | None = None  # why it ended with finish_reason "error", when the cause was its own
     cancelled: bool = False
     id: int = field(default_factory=lambda: next(_ids))
 
@@ -150,6 +151,7 @@ class Generator:
         self._decode_base_jit = jax.jit(self._decode_base_fn, donate_argnums=(1,))
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
+        self.adapter_errors: dict[int, AdapterError] = {}  # schedule's refusals, by request id, until step ends them
         self.tokens = np.zeros(self.rows, np.int32)
         self.positions = np.zeros(self.rows, np.int32)
         self.generated_tokens = 0
@@ -243,8 +245,9 @@ class Generator:
                 slots, clusters, sigma_ids = self.engine.resolve([*taken.values(), request.adapter])
             except PoolFullError:
                 break
-            except AdapterError:  # its files changed or vanished since registration: this request fails alone
+            except AdapterError as e:  # its files changed or vanished since registration: this request fails alone
                 failed.append(request.id)
+                self.adapter_errors[request.id] = e
                 continue
             row = free_rows.pop(0)
             taken[row] = request.adapter
@@ -262,6 +265,7 @@ class Generator:
             request = waiting[request_id]
             self.waiting.remove(request)
             request.finish_reason = "error"
+            request.error = self.adapter_errors.pop(request_id, None)
             finished.append(request)
         admitted = []
         for row, request_id, *ids in plan.admit:

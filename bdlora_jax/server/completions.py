@@ -94,10 +94,10 @@ class SubmittedRequest:
         scheduler.submit(self.request)
 
     async def next_token(self) -> int:
-        """The next token; RequestFailedError if the request ended without one (failed or aborted)."""
+        """The next token; the request's own error, or RequestFailedError, if it ended without one."""
         token = await self.tokens.get()
         if token is None:
-            raise RequestFailedError(self.request.finish_reason)
+            raise self.request.error or RequestFailedError(self.request.finish_reason)
         return token
 
     def cancel_unless_finished(self) -> None:
