@@ -138,6 +138,39 @@ def test_greedy_chat_equals_completion_of_rendered_prompt(app, engine, model):
     assert chat["usage"] == completion["usage"]
 
 
+@pytest.mark.parametrize("model", [SERVED, ADAPTER])
+def test_chat_logprobs_equal_the_completion_logprobs_of_the_rendered_prompt(app, engine, model):
+    """Chat's logprobs (OpenAI's chat format) carry the same tokens, log-probabilities and top tokens as the legacy
+    logprobs of a completion of the rendered prompt, whole and joined over a stream."""
+    chat_body = {"model": model, "messages": CONVERSATION, "max_tokens": 6, "temperature": 0, "logprobs": True,
+                 "top_logprobs": 3}
+    chat = post(app, "/v1/chat/completions", chat_body).json()["choices"][0]
+    legacy = post(app, "/v1/completions", {"model": model, "prompt": rendered(engine), "max_tokens": 6,
+                                           "temperature": 0, "logprobs": 3}).json()["choices"][0]["logprobs"]
+    content = chat["logprobs"]["content"]
+    assert [c["token"] for c in content] == legacy["tokens"]
+    assert [c["logprob"] for c in content] == legacy["token_logprobs"]
+    assert all(c["bytes"] == list(c["token"].encode()) for c in content)
+    for entry, top in zip(content, legacy["top_logprobs"]):
+        assert len(entry["top_logprobs"]) == 3
+        assert {t["token"]: t["logprob"] for t in entry["top_logprobs"]}.items() <= top.items()
+        assert entry["top_logprobs"][0]["logprob"] >= entry["top_logprobs"][-1]["logprob"]
+    streamed = [e["choices"][0]["logprobs"] for e in events(post(app, "/v1/chat/completions",
+                                                                 {**chat_body, "stream": True}))]
+    assert [c for chunk in streamed if chunk for c in chunk["content"]] == content
+    plain = post(app, "/v1/chat/completions", {**chat_body, "logprobs": False, "top_logprobs": None}).json()
+    assert plain["choices"][0]["logprobs"] is None
+    assert plain["choices"][0]["message"]["content"] == chat["message"]["content"]
+
+
+def test_top_logprobs_needs_logprobs(app):
+    response = post(app, "/v1/chat/completions", {"model": SERVED, "messages": CONVERSATION, "top_logprobs": 2})
+    assert_error(response, 400, "top_logprobs", "logprobs=true")
+    response = post(app, "/v1/chat/completions", {"model": SERVED, "messages": CONVERSATION, "logprobs": True,
+                                                  "top_logprobs": 21, "max_tokens": 2})
+    assert_error(response, 400, "logprobs", "21")
+
+
 def test_adapter_changes_the_reply(app):
     replies = {model: post(app, "/v1/chat/completions", {"model": model, "messages": CONVERSATION, "max_tokens": 12,
                                                          "temperature": 0}).json()["choices"][0]["message"]["content"]

@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import InvalidRequestError
 from .chat_messages import template_messages
+from .choice_logprobs import chat_logprobs
 from .choices import Choices, sse_events
 from .completions import adapter_of, check_context_length, include_usage, sampling_params, submit_choices
 from .context import ServerContext, server_context
@@ -47,20 +48,36 @@ def reply_max_tokens(body: ChatBody, prompt_tokens: int, max_seq_len: int) -> in
     return max(max_seq_len - prompt_tokens, 1)
 
 
+def top_logprobs(body: ChatBody) -> int | None:
+    """How many top tokens each reported position lists (None: no logprobs); top_logprobs needs logprobs=true."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs", "top_logprobs needs logprobs=true")
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+def choice_logprobs(choices: Choices, index: int, span: tuple[int, int]) -> dict | None:
+    """A chat choice's `logprobs` for its output tokens in span (None unless the request asked for them)."""
+    request = choices.submitted[index].request
+    if request.params.logprobs is None:
+        return None
+    return chat_logprobs(choices.streams[index].tokenizer, request.logprobs, *span, request.params.logprobs)
+
+
 def chat_object(chat_id: str, model: str, choices: list[dict], kind: str = "chat.completion") -> dict:
     """A chat.completion object (or, with kind='chat.completion.chunk', one event of a stream)."""
     return {"id": chat_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
 
 
-def message_choice(index: int, text: str, finish: str) -> dict:
+def message_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
     """One choice of a chat.completion: the assistant's message."""
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish}
 
 
-def delta_chunk(chat_id: str, model: str, index: int, delta: dict, finish: str | None) -> dict:
+def delta_chunk(chat_id: str, model: str, index: int, delta: dict, finish: str | None,
+                logprobs: dict | None = None) -> dict:
     """A chat.completion.chunk carrying what one choice's message gained."""
-    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return chat_object(chat_id, model, [choice], "chat.completion.chunk")
 
 
@@ -70,7 +87,8 @@ def chat_events(choices: Choices, chat_id: str, model: str, with_usage: bool):
                for i in range(len(choices.submitted))]
     return sse_events(
         choices, opening,
-        lambda index, piece, finish, _span: delta_chunk(chat_id, model, index, {"content": piece} if piece else {}, finish),
+        lambda index, piece, finish, span: delta_chunk(chat_id, model, index, {"content": piece} if piece else {},
+                                                       finish, choice_logprobs(choices, index, span)),
         (lambda counts: {**chat_object(chat_id, model, [], "chat.completion.chunk"), "usage": counts})
         if with_usage else None)
 
@@ -78,7 +96,9 @@ def chat_events(choices: Choices, chat_id: str, model: str, with_usage: bool):
 async def whole_chat(choices: Choices, chat_id: str, model: str) -> dict:
     """The finished chat completion, a message for every choice, and its usage."""
     finished = await choices.finished()
-    answer = chat_object(chat_id, model, [message_choice(i, text, finish) for i, (text, finish) in enumerate(finished)])
+    answer = chat_object(chat_id, model, [
+        message_choice(i, text, finish, choice_logprobs(choices, i, (0, len(choices.submitted[i].request.output))))
+        for i, (text, finish) in enumerate(finished)])
     answer["usage"] = choices.usage()
     return answer
 
@@ -91,7 +111,7 @@ async def chat_completions(body: ChatBody, ctx: ServerContext = Depends(server_c
     adapter = adapter_of(ctx, body.model)
     ids = chat_prompt_ids(engine, chat_prompt(ctx, body))
     max_tokens = reply_max_tokens(body, len(ids), engine.config.max_seq_len)
-    params = sampling_params(body.model_copy(update={"max_tokens": max_tokens}), engine.model_config.vocab_size)
+    params = sampling_params(body, engine.model_config.vocab_size, max_tokens, top_logprobs(body))
     with_usage = include_usage(body)
     check_context_length(len(ids), max_tokens, engine.config.max_seq_len)
     choices = submit_choices(ctx, ids, adapter, params, body.n)

@@ -17,8 +17,8 @@ from ..errors import (
     MultiplePromptsError,
     RequestFailedError,
 )
+from .choice_logprobs import completion_logprobs
 from .choices import Choices, choice_params, sse_events
-from .completion_logprobs import completion_logprobs
 from .context import ServerContext, server_context
 from .request_bodies import CompletionBody, GenerationBody
 
@@ -43,15 +43,16 @@ def prompt_ids(engine, prompt: Any) -> list[int]:
     return engine._prompt_ids(prompt)
 
 
-def sampling_params(body: GenerationBody, vocab_size: int) -> SamplingParams:
-    """The request's sampling parameters, validated (InvalidRequestError names a field out of range)."""
+def sampling_params(body: GenerationBody, vocab_size: int, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """The request's sampling parameters with its max_tokens and number of top logprobs (None: no logprobs),
+    validated (InvalidRequestError names a field out of range)."""
     params = SamplingParams(temperature=float(body.temperature), top_p=float(body.top_p), top_k=body.top_k,
-                            seed=body.seed, max_tokens=body.max_tokens, stop=stop_strings(body),
+                            seed=body.seed, max_tokens=max_tokens, stop=stop_strings(body),
                             stop_token_ids=tuple(body.stop_token_ids or ()), logit_bias=logit_bias(body),
                             presence_penalty=float(body.presence_penalty),
                             frequency_penalty=float(body.frequency_penalty),
                             repetition_penalty=float(body.repetition_penalty),
-                            logprobs=getattr(body, "logprobs", None),
+                            logprobs=logprobs,
                             ignore_eos=body.ignore_eos, min_tokens=body.min_tokens)
     params.validate(vocab_size)
     return params
@@ -183,7 +184,7 @@ async def completions(body: CompletionBody, ctx: ServerContext = Depends(server_
     engine = ctx.engine
     adapter = adapter_of(ctx, body.model)
     ids = prompt_ids(engine, body.prompt)
-    params = sampling_params(body, engine.model_config.vocab_size)
+    params = sampling_params(body, engine.model_config.vocab_size, body.max_tokens, body.logprobs)
     with_usage = include_usage(body)
     check_context_length(len(ids), body.max_tokens, engine.config.max_seq_len)
     choices = submit_choices(ctx, ids, adapter, params, body.n)

@@ -75,13 +75,16 @@ class ChatBody(GenerationBody):
     """POST /v1/chat/completions, as OpenAI and vLLM accept it: messages rendered with the model's chat template.
 
     max_completion_tokens is OpenAI's newer name for max_tokens; without either, a reply may fill the context.
-    add_generation_prompt (vLLM's) opens the assistant's turn at the end of the prompt.
+    add_generation_prompt (vLLM's) opens the assistant's turn at the end of the prompt. logprobs=true reports each
+    token's log-probability, with the top_logprobs most likely tokens at its position.
     """
 
     messages: list[dict[str, Any]]
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
     add_generation_prompt: StrictBool = True
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
 
 
 class LoadBody(BaseModel):

@@ -1,4 +1,4 @@
-"""The `logprobs` object of a legacy completion choice (OpenAI's format), from the engine's TokenLogprob entries."""
+"""The `logprobs` objects of completion and chat choices (OpenAI's two formats), from the engine's TokenLogprob entries."""
 
 from __future__ import annotations
 
@@ -32,3 +32,16 @@ def completion_logprobs(tokenizer, output: list[int], entries: list[TokenLogprob
         logprobs["top_logprobs"].append(top)
         logprobs["text_offset"].append(len(tokenizer.decode(output[:i])) if tokenizer is not None else 0)
     return logprobs
+
+
+def _chat_entry(tokenizer, token: int, logprob: float) -> dict:
+    text = token_text(tokenizer, token)
+    return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8", "replace"))}
+
+
+def chat_logprobs(tokenizer, entries: list[TokenLogprob], start: int, end: int, top: int) -> dict:
+    """{content: [{token, logprob, bytes, top_logprobs}]} of output tokens start..end-1, as a chat choice carries
+    them: top_logprobs holds the `top` most likely tokens at each position, best first."""
+    return {"content": [{**_chat_entry(tokenizer, entry.token, entry.logprob),
+                         "top_logprobs": [_chat_entry(tokenizer, t, lp) for t, lp in entry.top[:top]]}
+                        for entry in entries[start:end]]}
