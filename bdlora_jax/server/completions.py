@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
 
 from ..engine.generator import Request
@@ -20,11 +21,16 @@ from ..errors import (
     RequestFailedError,
 )
 from .context import ServerContext, server_context
+from .disconnect import cancelled_on_disconnect
 from .error_mapping import error_body
+from .prompt_length import refuse_overlong_text
 from .request_bodies import CompletionBody
 from .text_stream import TextStream
 
 router = APIRouter()
+
+MAX_STOP_STRINGS = 16  # stop strings a request may give (OpenAI allows 4)
+MAX_STOP_CHARS = 256  # characters of each stop string
 
 
 def adapter_of(ctx: ServerContext, model: str) -> str | None:
@@ -55,8 +61,15 @@ def sampling_params(body: CompletionBody, vocab_size: int) -> SamplingParams:
 
 
 def stop_strings(body: CompletionBody) -> tuple[str, ...]:
-    """`stop` as a tuple, whether it came as one string or a list."""
-    return (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    """`stop` as a tuple, whether it came as one string or a list, within MAX_STOP_STRINGS and MAX_STOP_CHARS."""
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+    longest = max(stop, key=len, default="")
+    if len(longest) > MAX_STOP_CHARS:
+        raise InvalidRequestError("stop", f"each stop string may have at most {MAX_STOP_CHARS} characters, "
+                                          f"got one of {len(longest)}")
+    return stop
 
 
 def check_context_length(prompt_tokens: int, max_tokens: int, max_seq_len: int) -> None:
@@ -135,13 +148,18 @@ async def whole_completion(submitted: SubmittedRequest, stream: TextStream, comp
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionBody, ctx: ServerContext = Depends(server_context)):
-    """Complete one prompt under the base model or an adapter; stream=true answers with server-sent events."""
+async def completions(body: CompletionBody, http: HttpRequest, ctx: ServerContext = Depends(server_context)):
+    """Complete one prompt under the base model or an adapter; stream=true answers with server-sent events.
+
+    The prompt is tokenized off the event loop (a long text is refused by its length first); a non-streaming request
+    is cancelled when its client disconnects, as a stream is.
+    """
     engine = ctx.engine
     adapter = adapter_of(ctx, body.model)
     if body.n != 1:
         raise InvalidRequestError("n", f"only n=1 is supported, got {body.n}")
-    ids = prompt_ids(engine, body.prompt)
+    refuse_overlong_text(engine.tokenizer, body.prompt, engine.config.max_seq_len)
+    ids = await asyncio.to_thread(prompt_ids, engine, body.prompt)
     params = sampling_params(body, engine.model_config.vocab_size)
     check_context_length(len(ids), body.max_tokens, engine.config.max_seq_len)
     submitted = SubmittedRequest(ctx.scheduler, ids, adapter, params)
@@ -150,4 +168,5 @@ async def completions(body: CompletionBody, ctx: ServerContext = Depends(server_
     if body.stream:
         return StreamingResponse(sse_events(submitted, stream, completion_id, body.model),
                                  media_type="text/event-stream")
-    return await whole_completion(submitted, stream, completion_id, body.model)
+    async with cancelled_on_disconnect(http.receive, submitted.cancel_unless_finished):
+        return await whole_completion(submitted, stream, completion_id, body.model)
