@@ -88,8 +88,8 @@ def strict_decode_error(body: bytes) -> InvalidRequestError | None:
 class StrictJsonBody:
     """ASGI middleware reading a request body in full, refusing it by first_invalid, then replaying it to the app.
 
-    It sits inside BodyLimit, so a body over the limit stops being read there; a client that leaves mid-body gets no
-    answer and the app is not run.
+    It sits inside BodyLimit, so a body over the limit stops being read there. A client that leaves mid-body is
+    answered with a 400 that nobody reads (the middleware around expects an answer), and the app is not run.
     """
 
     def __init__(self, app):
@@ -104,7 +104,8 @@ class StrictJsonBody:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    return
+                    gone = InvalidRequestError("body", "the client disconnected before sending the whole body")
+                    return await error_response(gone)(scope, receive, send)
                 messages.append(message)
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
