@@ -392,15 +392,15 @@ def test_client_disconnect_mid_stream_frees_its_row(bdlora_server):
 
 
 def test_idle_connections_closed_and_sigterm_drains(tmp_path):
-    """A small server of its own (mesh 1x1): 50 connections sending half a request are closed after
-    --request-timeout; on SIGTERM a stream in flight runs to [DONE], a new request gets 503 with an error body, and
-    the process exits 0."""
+    """A small server of its own (mesh 1x1, one decode row): 50 connections sending half a request are closed after
+    --request-timeout; on SIGTERM the streams in flight (running or waiting) run to [DONE], a new request gets 503
+    with an error body, and the process exits 0."""
     import signal
 
     server = Server("bdlora", tmp_path / "server-drain.log")
     server.port = free_port()
     cmd = [sys.executable, "-m", "bdlora_jax.serve", "--mesh", "1x1", "--host", "127.0.0.1", "--port",
-           str(server.port), "--max-batch", "2", "--max-seq-len", "32", "--request-timeout", "1",
+           str(server.port), "--max-batch", "1", "--max-seq-len", "32", "--request-timeout", "1",
            "--shutdown-timeout", "60"]
     with open(server.log_path, "ab") as log:
         server.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
@@ -420,21 +420,32 @@ def test_idle_connections_closed_and_sigterm_drains(tmp_path):
                 pass
             sock.close()
 
-        body = {"model": SERVED, "prompt": "Hi", "max_tokens": 24, "temperature": 0, "stream": True}
-        with httpx.Client(base_url=server.url, timeout=120) as c, c.stream("POST", "/v1/completions", json=body) as s:
-            lines = (line for line in s.iter_lines() if line.startswith("data: "))
-            first = next(lines)
-            server.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while (refused := httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)).status_code != 503:
-                assert time.monotonic() < deadline, refused.text  # the signal may take a moment to arrive
-                time.sleep(0.05)
-            error = refused.json()["error"]
-            assert error["code"] == "shutting_down" and "shutting down" in error["message"], error
-            rest = list(lines)
-        assert rest[-1] == "data: [DONE]", rest[-3:]
-        chunks = [json.loads(line[len("data: "):]) for line in [first, *rest[:-1]]]
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        body = {"model": SERVED, "prompt": "Hi", "max_tokens": 28, "temperature": 0, "stream": True}
+
+        async def streams_through_sigterm() -> list[list[str]]:
+            """Six streams in flight (one decode row: they run one after another) when SIGTERM arrives."""
+            async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
+                async def stream() -> list[str]:
+                    async with c.stream("POST", "/v1/completions", json=body) as s:
+                        assert s.status_code == 200
+                        return [line async for line in s.aiter_lines() if line.startswith("data: ")]
+
+                streams = [asyncio.create_task(stream()) for _ in range(6)]
+                in_flight = await asyncio.to_thread(server.wait_metrics, lambda m: m["bdlora_requests_running"]
+                                                    + m["bdlora_requests_waiting"] >= 4)
+                assert in_flight["bdlora_requests_waiting"] >= 3, in_flight
+                server.proc.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + 30
+                while (refused := await c.post("/v1/completions", json=body)).status_code != 503:
+                    assert time.monotonic() < deadline, refused.text  # the signal may take a moment to arrive
+                    await asyncio.sleep(0.05)
+                error = refused.json()["error"]
+                assert error["code"] == "shutting_down" and "shutting down" in error["message"], error
+                return await asyncio.gather(*streams)
+
+        for lines in asyncio.run(streams_through_sigterm()):
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+            assert json.loads(lines[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
         assert server.proc.wait(timeout=60) == 0, server.log()[-4000:]
         server.assert_clean_log()
     finally:

@@ -244,8 +244,8 @@ def test_normalizers_that_shorten_text_give_no_bound():
     assert not keeps_length({"type": "Sequence", "normalizers": [{"type": "NFKC"}]})
 
 
-def test_overlong_text_prompt_is_refused_before_tokenizing(app, served, monkeypatch):
-    engine = served[0]
+def test_overlong_text_prompt_is_refused_before_tokenizing(app, monkeypatch):
+    """Beyond 5 characters a token times max_seq_len - 1 tokens, a text prompt is refused without tokenizing it."""
 
     def no_tokenizing(*_):
         raise AssertionError("tokenized a prompt that cannot fit")
@@ -259,7 +259,6 @@ def test_overlong_text_prompt_is_refused_before_tokenizing(app, served, monkeypa
     # at the bound it is tokenized, and refused by its token count
     assert_error(post(app, json={**GOOD, "prompt": "x" * limit}), 400, f"prompt of {limit} tokens",
                  code="context_length_exceeded")
-    assert engine.tokenizer is not None
     assert_serving(app)
 
 
@@ -285,6 +284,32 @@ def test_tokenizing_runs_off_the_event_loop(app, monkeypatch):
     health, waited, slow = asyncio.run(go())
     assert health.status_code == 200 and waited < 0.5, waited
     assert slow.status_code == 200, slow.text
+
+
+def test_health_answers_while_a_4mb_prompt_is_handled(app):
+    """A prompt of nearly 4 MiB is refused by its length without tokenizing it (seconds), and /health meanwhile
+    answers at once."""
+
+    async def go():
+        async with client(app) as c:
+            big = asyncio.create_task(c.post("/v1/completions", json={**GOOD, "prompt": "word " * 800_000}))
+            waits = []
+            while not big.done():
+                start = time.perf_counter()
+                assert (await c.get("/health")).status_code == 200
+                waits.append(time.perf_counter() - start)
+                await asyncio.sleep(0.01)
+            return await big, waits
+
+    big, waits = asyncio.run(go())
+    assert_error(big, 400, "4000000 characters", code="context_length_exceeded")
+    assert max(waits) < 1.0, waits
+
+
+def test_deeply_nested_body_is_a_client_error(app):
+    response = post_raw(app, "[" * 100_000 + "]" * 100_000)
+    assert 400 <= response.status_code < 500, response.text
+    assert_serving(app)
 
 
 # ---------------------------------------------------------------------------------------------- clients that leave
