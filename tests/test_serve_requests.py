@@ -308,6 +308,16 @@ def test_health_answers_while_a_4mb_prompt_is_handled(app):
     assert max(waits) < 1.0, waits
 
 
+@pytest.mark.parametrize("length,status", [("abc", 200), ("-5", 200), ("4194305", 413), ("9" * 5000, 413)])
+def test_odd_content_length_headers(app, length, status):
+    """A Content-Length that is not a number is left to the HTTP server; one too large, however long, is 413."""
+    response = post(app, content=json.dumps(GOOD).encode(),
+                     headers={"content-type": "application/json", "content-length": length})
+    assert response.status_code == status, response.text
+    if status == 413:
+        assert_error(response, 413, "exceeds 4194304", code="body_too_large")
+
+
 def test_deeply_nested_body_is_a_client_error(app):
     response = post_raw(app, "[" * 100_000 + "]" * 100_000)
     assert 400 <= response.status_code < 500, response.text
