@@ -170,7 +170,7 @@ def bodies(schema: dict, components: dict, named: dict) -> st.SearchStrategy[byt
 
 
 def good_bodies(lora_root: Path) -> dict[str, dict]:
-    """A body each known endpoint accepts, for the fuzzer to stray from (endpoints added later stray from drawn ones)."""
+    """A body each known endpoint accepts, for the fuzzer to stray from (later endpoints stray from drawn ones)."""
     return {"/v1/completions": {"model": SERVED, "prompt": "Hello", "max_tokens": 2, "temperature": 0.5, "top_p": 0.9,
                                 "top_k": 3, "seed": 1, "stop": ["xyz"], "stop_token_ids": [1], "stream": False,
                                 "n": 1},
