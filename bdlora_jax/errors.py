@@ -144,3 +144,10 @@ class RequestFailedError(BdloraError, RuntimeError):
     def __init__(self, reason: str | None):
         super().__init__(f"request ended: {reason}")
         self.reason = reason
+
+
+class ServerShuttingDownError(BdloraError, RuntimeError):
+    """A request that arrived after the server began shutting down; requests already in flight still finish."""
+
+    def __init__(self):
+        super().__init__("the server is shutting down and admits no new requests")

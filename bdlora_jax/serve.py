@@ -44,12 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="close a connection idle this long before its request has fully arrived (default 30)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, refuse new requests (503) and let those in flight finish for up to this "
+                        "long before exiting (default 30)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Start the engine and scheduler as the flags say, warm up, and serve until interrupted."""
+    """Start the engine and scheduler as the flags say, warm up, and serve until SIGTERM/SIGINT has drained it."""
     args = build_parser().parse_args(argv)
+    for flag, seconds in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
+        if not 0 < seconds < float("inf"):
+            raise SystemExit(f"{flag} {seconds}: expected a positive number of seconds")
     emulate_host_devices(args.mesh)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import uvicorn
@@ -58,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.engine import Engine
     from .engine.scheduler import Scheduler
     from .server import create_app
+    from .server.graceful import GracefulServer
+    from .server.http_protocol import with_request_timeout
 
     modules = {}
     for item in args.lora_modules:
@@ -84,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info("serving %s with %d adapters on mesh %s (%s) at http://%s:%d", served, len(engine.adapters), args.mesh,
              args.strategy, args.host, args.port)
     app = create_app(engine, scheduler, served, api_key=args.api_key, lora_root=args.lora_root)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            http=with_request_timeout(args.request_timeout))
+    GracefulServer(config, app.state.drain, args.shutdown_timeout).run()
     scheduler.stop()
+    log.info("stopped")
     return 0
 
 

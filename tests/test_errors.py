@@ -38,6 +38,7 @@ from bdlora_jax.errors import (
     PoolFullError,
     RequestFailedError,
     RequestTooLargeError,
+    ServerShuttingDownError,
 )
 from bdlora_jax.server import MAX_BODY_BYTES, create_app
 from bdlora_jax.server.error_mapping import ERROR_KINDS, error_body, error_kind
@@ -87,6 +88,8 @@ CASES = [
      (500, "server_error", "error", "request ended: error")),
     (PoolFullError(2, "3 distinct adapters in one batch but max_loras=2"), {"capacity": 2}, RuntimeError,
      (500, "server_error", None, "3 distinct adapters in one batch but max_loras=2")),
+    (ServerShuttingDownError(), {}, RuntimeError,
+     (503, "service_unavailable_error", "shutting_down", "the server is shutting down and admits no new requests")),
 ]
 
 
@@ -133,8 +136,9 @@ def engine(hf_dir):
     return eng
 
 
-@pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_p", 0.0), ("top_k", -1), ("max_tokens", 0),
-                                         ("seed", -1), ("stop_token_ids", (10**6,))])
+@pytest.mark.parametrize("field,value", [("temperature", -1.0), ("temperature", float("inf")),
+                                         ("temperature", float("nan")), ("top_p", 0.0), ("top_k", -1),
+                                         ("max_tokens", 0), ("seed", -1), ("stop_token_ids", (10**6,))])
 def test_sampling_params_name_the_field(field, value):
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams(**{field: value}).validate(64)

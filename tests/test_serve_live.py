@@ -13,6 +13,7 @@ default `--dist load` may split this module over both workers) servers start laz
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -388,3 +389,67 @@ def test_client_disconnect_mid_stream_frees_its_row(bdlora_server):
     assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
     server.assert_no_compilations_after_warmup()
     server.assert_clean_log()
+
+
+# ---------------------------------------------------------------------------------------------- idle sockets, SIGTERM
+
+
+def test_idle_connections_closed_and_sigterm_drains(tmp_path):
+    """A small server of its own (mesh 1x1, one decode row): 50 connections sending half a request are closed after
+    --request-timeout; on SIGTERM the streams in flight (running or waiting) run to [DONE], a new request gets 503
+    with an error body, and the process exits 0."""
+    import signal
+
+    server = Server("bdlora", tmp_path / "server-drain.log")
+    server.port = free_port()
+    cmd = [sys.executable, "-m", "bdlora_jax.serve", "--mesh", "1x1", "--host", "127.0.0.1", "--port",
+           str(server.port), "--max-batch", "1", "--max-seq-len", "32", "--request-timeout", "1",
+           "--shutdown-timeout", "60"]
+    with open(server.log_path, "ab") as log:
+        server.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        server.wait_healthy()
+        halves = [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le", b"POST /v1/comp", b"",
+                  b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"model\": "]
+        sockets = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(50)]
+        for i, sock in enumerate(sockets):
+            sock.sendall(halves[i % len(halves)])
+        for sock in sockets:
+            sock.settimeout(20)
+            try:
+                assert sock.recv(1024) == b""
+            except ConnectionResetError:
+                pass
+            sock.close()
+
+        body = {"model": SERVED, "prompt": "Hi", "max_tokens": 28, "temperature": 0, "stream": True}
+
+        async def streams_through_sigterm() -> list[list[str]]:
+            """Six streams in flight (one decode row: they run one after another) when SIGTERM arrives."""
+            async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
+                async def stream() -> list[str]:
+                    async with c.stream("POST", "/v1/completions", json=body) as s:
+                        assert s.status_code == 200
+                        return [line async for line in s.aiter_lines() if line.startswith("data: ")]
+
+                streams = [asyncio.create_task(stream()) for _ in range(6)]
+                in_flight = await asyncio.to_thread(server.wait_metrics, lambda m: m["bdlora_requests_running"]
+                                                    + m["bdlora_requests_waiting"] >= 4)
+                assert in_flight["bdlora_requests_waiting"] >= 3, in_flight
+                server.proc.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + 30
+                while (refused := await c.post("/v1/completions", json=body)).status_code != 503:
+                    assert time.monotonic() < deadline, refused.text  # the signal may take a moment to arrive
+                    await asyncio.sleep(0.05)
+                error = refused.json()["error"]
+                assert error["code"] == "shutting_down" and "shutting down" in error["message"], error
+                return await asyncio.gather(*streams)
+
+        for lines in asyncio.run(streams_through_sigterm()):
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+            assert json.loads(lines[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+        assert server.proc.wait(timeout=60) == 0, server.log()[-4000:]
+        server.assert_clean_log()
+    finally:
+        server.stop()

@@ -57,6 +57,10 @@ class SamplingParams:
         """Raise InvalidRequestError for the first field outside its range (its `field` names it)."""
         if not self.temperature >= 0:
             raise InvalidRequestError("temperature", f"temperature must be >= 0, got {self.temperature}")
+        float32_max = float(jnp.finfo(jnp.float32).max)  # the device divides in float32: a larger one overflows
+        if self.temperature > float32_max:
+            raise InvalidRequestError("temperature", f"temperature must be finite in float32 (at most "
+                                                     f"{float32_max:.4g}), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequestError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.top_k <= vocab_size:

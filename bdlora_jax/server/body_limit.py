@@ -21,10 +21,17 @@ class BodyTooLarge(RequestTooLargeError, HTTPException):
 
 
 def declared_too_large(request: Request) -> RequestTooLargeError | None:
-    """The error for a request whose Content-Length exceeds MAX_BODY_BYTES, else None."""
-    length = request.headers.get("content-length")
-    if length is not None and int(length) > MAX_BODY_BYTES:
-        return RequestTooLargeError(MAX_BODY_BYTES, int(length))
+    """The error for a request whose Content-Length exceeds MAX_BODY_BYTES, else None.
+
+    A Content-Length that is not a number is left to the HTTP server (and BodyLimit counts what arrives); one of
+    more digits than any size converts to is too large without converting it.
+    """
+    length = (request.headers.get("content-length") or "").strip()
+    if not length.isascii() or not length.isdigit():
+        return None
+    size = int(length) if len(length) <= 20 else None
+    if size is None or size > MAX_BODY_BYTES:
+        return RequestTooLargeError(MAX_BODY_BYTES, size)
     return None
 
 

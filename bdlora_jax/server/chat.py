@@ -1,10 +1,12 @@
 """POST /v1/chat/completions: the messages rendered with the model's chat template, completed n times by the
 machinery of /v1/completions, answered as a chat.completion or streamed as chat.completion.chunk events."""
 
+import asyncio
 import time
 import uuid
 
 from fastapi import APIRouter, Depends
+from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
 
 from ..errors import InvalidRequestError
@@ -13,6 +15,8 @@ from .choice_logprobs import chat_logprobs
 from .choices import Choices, sse_events
 from .completions import adapter_of, check_context_length, include_usage, sampling_params, submit_choices
 from .context import ServerContext, server_context
+from .disconnect import cancelled_on_disconnect
+from .prompt_length import refuse_overlong_text
 from .request_bodies import ChatBody
 
 router = APIRouter()
@@ -104,12 +108,15 @@ async def whole_chat(choices: Choices, chat_id: str, model: str) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatBody, ctx: ServerContext = Depends(server_context)):
+async def chat_completions(body: ChatBody, http: HttpRequest, ctx: ServerContext = Depends(server_context)):
     """Answer a conversation n times under the base model or an adapter; stream=true answers with server-sent
-    events."""
+    events. As for completions, the prompt is tokenized off the event loop (a long one refused by its length first)
+    and a non-streaming request is cancelled when its client disconnects."""
     engine = ctx.engine
     adapter = adapter_of(ctx, body.model)
-    ids = chat_prompt_ids(engine, chat_prompt(ctx, body))
+    text = chat_prompt(ctx, body)
+    refuse_overlong_text(engine.tokenizer, text, engine.config.max_seq_len)
+    ids = await asyncio.to_thread(chat_prompt_ids, engine, text)
     max_tokens = reply_max_tokens(body, len(ids), engine.config.max_seq_len)
     params = sampling_params(body, engine.model_config.vocab_size, max_tokens, top_logprobs(body))
     with_usage = include_usage(body)
@@ -118,4 +125,5 @@ async def chat_completions(body: ChatBody, ctx: ServerContext = Depends(server_c
     chat_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         return StreamingResponse(chat_events(choices, chat_id, body.model, with_usage), media_type="text/event-stream")
-    return await whole_chat(choices, chat_id, body.model)
+    async with cancelled_on_disconnect(http.receive, choices.cancel_unfinished):
+        return await whole_chat(choices, chat_id, body.model)

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
 
 from ..engine.generator import Request
@@ -20,9 +21,14 @@ from ..errors import (
 from .choice_logprobs import completion_logprobs
 from .choices import Choices, choice_params, sse_events
 from .context import ServerContext, server_context
+from .disconnect import cancelled_on_disconnect
+from .prompt_length import refuse_overlong_text
 from .request_bodies import CompletionBody, GenerationBody
 
 router = APIRouter()
+
+MAX_STOP_STRINGS = 16  # stop strings a request may give (OpenAI allows 4)
+MAX_STOP_CHARS = 256  # characters of each stop string
 
 
 def adapter_of(ctx: ServerContext, model: str) -> str | None:
@@ -71,8 +77,15 @@ def logit_bias(body: GenerationBody) -> tuple[tuple[int, float], ...]:
 
 
 def stop_strings(body: GenerationBody) -> tuple[str, ...]:
-    """`stop` as a tuple, whether it came as one string or a list."""
-    return (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    """`stop` as a tuple, whether it came as one string or a list, within MAX_STOP_STRINGS and MAX_STOP_CHARS."""
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+    longest = max(stop, key=len, default="")
+    if len(longest) > MAX_STOP_CHARS:
+        raise InvalidRequestError("stop", f"each stop string may have at most {MAX_STOP_CHARS} characters, "
+                                          f"got one of {len(longest)}")
+    return stop
 
 
 def check_context_length(prompt_tokens: int, max_tokens: int, max_seq_len: int) -> None:
@@ -179,11 +192,16 @@ async def whole_completion(choices: Choices, completion_id: str, model: str, ech
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionBody, ctx: ServerContext = Depends(server_context)):
-    """Complete one prompt n times under the base model or an adapter; stream=true answers with server-sent events."""
+async def completions(body: CompletionBody, http: HttpRequest, ctx: ServerContext = Depends(server_context)):
+    """Complete one prompt n times under the base model or an adapter; stream=true answers with server-sent events.
+
+    The prompt is tokenized off the event loop (a long text is refused by its length first); a non-streaming request
+    is cancelled when its client disconnects, as a stream is.
+    """
     engine = ctx.engine
     adapter = adapter_of(ctx, body.model)
-    ids = prompt_ids(engine, body.prompt)
+    refuse_overlong_text(engine.tokenizer, body.prompt, engine.config.max_seq_len)
+    ids = await asyncio.to_thread(prompt_ids, engine, body.prompt)
     params = sampling_params(body, engine.model_config.vocab_size, body.max_tokens, body.logprobs)
     with_usage = include_usage(body)
     check_context_length(len(ids), body.max_tokens, engine.config.max_seq_len)
@@ -193,4 +211,5 @@ async def completions(body: CompletionBody, ctx: ServerContext = Depends(server_
     if body.stream:
         return StreamingResponse(completion_events(choices, completion_id, body.model, echo, with_usage),
                                  media_type="text/event-stream")
-    return await whole_completion(choices, completion_id, body.model, echo)
+    async with cancelled_on_disconnect(http.receive, choices.cancel_unfinished):
+        return await whole_completion(choices, completion_id, body.model, echo)

@@ -31,6 +31,7 @@ from ..errors import (
     MultiplePromptsError,
     RequestFailedError,
     RequestTooLargeError,
+    ServerShuttingDownError,
 )
 
 INVALID_REQUEST = "invalid_request_error"
@@ -70,6 +71,7 @@ ERROR_KINDS: dict[type[BdloraError], ErrorKind] = {
     AdapterInUseError: ErrorKind(409, "conflict_error", "adapter_in_use"),
     ForbiddenPathError: ErrorKind(403, "permission_error", "forbidden_path"),
     RequestFailedError: ErrorKind(500, "server_error", attrgetter("reason")),
+    ServerShuttingDownError: ErrorKind(503, "service_unavailable_error", "shutting_down"),
 }
 
 # codes of the errors that Starlette itself raises (no route, wrong method), which carry their own status
