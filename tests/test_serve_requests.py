@@ -32,7 +32,7 @@ from bdlora_jax.server.text_stream import TextStream
 
 MAX_SEQ_LEN = 128
 SERVED = "demo"
-GOOD = {"model": SERVED, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+GOOD = {"model": SERVED, "prompt": "Hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +339,8 @@ def test_non_streaming_request_is_cancelled_when_its_client_leaves(app, served, 
 
     monkeypatch.setattr(scheduler, "submit", lambda request: (submitted.append(request), real_submit(request)))
     monkeypatch.setattr(scheduler.generator, "step", slow_step)
-    body = json.dumps({"model": SERVED, "prompt": "Hi", "max_tokens": MAX_SEQ_LEN - 10, "temperature": 0}).encode()
+    body = json.dumps({"model": SERVED, "prompt": "Hi", "max_tokens": MAX_SEQ_LEN - 10, "temperature": 0,
+                       "ignore_eos": True}).encode()
     sent = []
 
     async def go():
