@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import AdapterError, BdloraError, PoolFullError
 from ..model.llama import AdapterBatch, cache_shape, forward, init_cache, slot_groups
+from ..text_stream import TextStream
 from .logprobs import TokenLogprob, row_logprob, token_logprobs
 from .penalties import adjust, history, prompt_mask, record_tokens_jit, reset_rows_jit
 from .sampler import MAX_LOGIT_BIAS, MAX_MIN_TOKENS_STOP_IDS, MAX_TOP_LOGPROBS, SamplingParams, row_keys, sample
@@ -103,6 +104,7 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when params.logprobs is set
     finish_reason: str | None = None
     error: BdloraError | None = None  # why it ended with finish_reason "error", when the cause was its own
+    stop_search: TextStream | None = None  # finds its stop strings in its text, a few new characters per token
     cancelled: bool = False
     id: int = field(default_factory=lambda: next(_ids))
 
@@ -425,10 +427,12 @@ class Generator:
         request.output.append(int(token))
         self.generated_tokens += 1
         params = request.params
-        tokenizer = self.engine.tokenizer
         may_stop = len(request.output) >= params.min_tokens
-        stop_string = may_stop and bool(params.stop) and tokenizer is not None and any(
-            s in tokenizer.decode(request.output) for s in params.stop)
+        if params.stop and self.engine.tokenizer is not None:
+            if request.stop_search is None:
+                request.stop_search = TextStream(self.engine.tokenizer, params.stop, params.min_tokens)
+            request.stop_search.delta(request.output, final=False)
+        stop_string = request.stop_search is not None and request.stop_search.stopped
         if may_stop and (request.output[-1] in self._stop_ids(params) or stop_string):
             request.finish_reason = "stop"
         elif len(request.output) >= params.max_tokens:

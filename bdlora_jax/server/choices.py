@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from ..engine.sampler import SamplingParams
 from ..errors import BdloraError, InvalidRequestError
+from ..text_stream import TextStream
 from .error_mapping import error_body
-from .text_stream import TextStream
 
 if TYPE_CHECKING:
     from .completions import SubmittedRequest
@@ -50,7 +50,7 @@ class Choices:
     def __init__(self, submitted: list[SubmittedRequest], tokenizer):
         self.submitted = submitted
         self.prompt_tokens = len(submitted[0].request.prompt)
-        self.streams = [TextStream(tokenizer, s.request.params.stop) for s in submitted]
+        self.streams = [TextStream(tokenizer, s.request.params.stop, s.request.params.min_tokens) for s in submitted]
 
     def usage(self) -> dict:
         """Usage so far: the prompt counted once, the tokens generated summed over the choices."""
