@@ -15,8 +15,8 @@ The --adapters LoRA adapters (rank --rank, alpha 2·rank, all seven projections,
 PeftModel and train one after another, as PEFT trains several adapters: a step of ours (--batch rows, --batch/K
 per adapter) is here K steps, one per adapter (set_adapter, forward, backward, clipping to norm 1, AdamW),
 each on that adapter's --batch/K next examples right-padded to the longest of them (the usual collator). After
---warmup steps, --steps steps are timed; real tokens/s counts the examples' tokens, padding not counted, as
-bench train does.
+--warmup steps, --steps steps are timed; real tokens/s counts the tokens predicted (n - 1 of an n-token
+example), padding not counted, as bench train does.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def measure(args: argparse.Namespace) -> dict:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step_tokens += sum(len(r) for r in rows)
+            step_tokens += sum(len(r) - 1 for r in rows)
             loss = float(out.loss.detach())
         if step >= args.warmup:
             seconds += time.perf_counter() - started

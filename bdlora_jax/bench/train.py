@@ -3,7 +3,7 @@
 K adapters get token-id datasets of random tokens (every example seq_len + 1 tokens long, filling a row, or
 lengths drawn uniformly from a range), written to a temporary directory; the model has random weights. Batches
 of B rows (B/K per adapter; padded, or packed with --packing) train rank-r LoRA adapters. Reported: real tokens/s
-(the tokens of the examples trained on, padding not counted) over the timed steps after the warm-up steps, the
+(the tokens predicted: n - 1 of an n-token example, padding not counted) over the timed steps after warm-up, the
 step's peak memory from its compiled memory analysis (arguments + outputs + temporaries - donated aliases), and
 how many times the step compiled. --steps 0 only compiles the step and reports its memory.
 """
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
             jax.block_until_ready(losses)
             if timed:
                 seconds += time.perf_counter() - started
-                tokens += sum(len(e.tokens) for row in rows for e in row)
+                tokens += sum(len(e.tokens) - 1 for row in rows for e in row)
                 rows_tokens += args.batch * args.seq_len
                 compiles_timed += CompileCounter.count() - before
     return {"model": config.name, "mesh": args.mesh, "strategy": args.strategy, "adapters": args.adapters,
