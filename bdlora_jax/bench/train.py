@@ -98,15 +98,15 @@ def run(args: argparse.Namespace) -> dict:
                           seed=args.seed, out_dir=str(Path(root) / "run"), dtype=args.dtype,
                           packing=args.packing, loss_chunk_tokens=args.loss_chunk)
         trainer = Trainer(cfg)
-        memory = peak_bytes(trainer._step.lower(trainer.train_state, jnp.int32(0), trainer.batch(0)).compile())
+        memory = peak_bytes(trainer._step.lower(trainer.train_state, trainer.state, jnp.int32(0),
+                                                trainer.batch(0)).compile())
         seconds, tokens, rows_tokens, compiles_timed, losses = 0.0, 0, 0, 0, None
         for step in range(args.warmup + args.steps if args.steps else 0):
             timed = step >= args.warmup
             before = CompileCounter.count()
             started = time.perf_counter()
             rows, _ = trainer.rows(step)
-            trainer.train_state, losses = trainer._step(trainer.train_state, jnp.int32(step), trainer.batch(step))
-            jax.block_until_ready(losses)
+            losses = jax.block_until_ready(trainer.step(step, trainer.batch(step)))
             if timed:
                 seconds += time.perf_counter() - started
                 tokens += sum(len(e.tokens) - 1 for row in rows for e in row)

@@ -112,39 +112,46 @@ class Trainer:
         self._step = jax.jit(self._train_step, donate_argnums=(0,), out_shardings=(self.state_shardings, replicated))
         self._eval = jax.jit(self._loss_sums)
 
-    def token_losses(self, factors, batch: Batch, dropout_key=None) -> jax.Array:
-        """Each token's cross-entropy (rows, seq_len), weighted: 0 on padding and prompts."""
+    def token_losses(self, factors, batch: Batch, dropout_key=None, base=None) -> jax.Array:
+        """Each token's cross-entropy (rows, seq_len), weighted: 0 on padding and prompts. base: the frozen model's
+        state (default self.state; jitted steps pass it as an argument rather than embed it as a constant)."""
         specs = bank_specs(self.layout, self.plan)
         bank = to_bank(factors, self.spec, self.layout)
         bank = {k: tuple(jax.lax.with_sharding_constraint(x, NamedSharding(self.plan.mesh, s))
                          for x, s in zip(pair, specs[k])) for k, pair in bank.items()}
         start = jnp.zeros((batch.inputs.shape[0],), jnp.int32)
         rate = jnp.float32(self.cfg.dropout) if dropout_key is not None else None
-        hidden, head = forward_hidden(self.graphdef, self.state, batch.inputs, start,
+        hidden, head = forward_hidden(self.graphdef, self.state if base is None else base, batch.inputs, start,
                                       AdapterBatch(bank, batch.slots, dropout_key, rate), batch.segment_ids,
                                       batch.positions)
         return token_cross_entropy(hidden, head, batch.targets, self.cfg.loss_chunk_tokens) * batch.weights
 
-    def _loss_sums(self, factors, batch: Batch, dropout_key=None):
+    def _loss_sums(self, factors, batch: Batch, dropout_key=None, base=None):
         """Each adapter's summed token loss and token count over the rows that use it, (K,) each."""
-        token_loss = self.token_losses(factors, batch, dropout_key)
+        token_loss = self.token_losses(factors, batch, dropout_key, base)
         k = len(self.names)
         sums = jax.ops.segment_sum(token_loss.sum(axis=1), batch.slots - 1, num_segments=k)
         counts = jax.ops.segment_sum(batch.weights.sum(axis=1), batch.slots - 1, num_segments=k)
         return sums, counts
 
-    def adapter_losses(self, factors, batch: Batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+    def adapter_losses(self, factors, batch: Batch, dropout_key=None, base=None) -> tuple[jax.Array, jax.Array]:
         """(the loss trained on: the sum over adapters, each adapter's token-mean loss (K,))."""
-        sums, counts = self._loss_sums(factors, batch, dropout_key)
+        sums, counts = self._loss_sums(factors, batch, dropout_key, base)
         losses = sums / jnp.maximum(counts, 1.0)
         return losses.sum(), losses
 
-    def _train_step(self, train_state: TrainState, step, batch: Batch):
+    def _train_step(self, train_state: TrainState, base, step, batch: Batch):
+        """One optimizer step of every adapter on `batch`; base is the frozen model's state."""
         dropout_key = jax.random.fold_in(jax.random.key(self.cfg.seed), step) if self.cfg.dropout > 0 else None
         (_, losses), grads = jax.value_and_grad(self.adapter_losses, has_aux=True)(train_state.factors, batch,
-                                                                                   dropout_key)
+                                                                                   dropout_key, base)
         updates, opt_state = self.optimizer.update(grads, train_state.opt_state, train_state.factors)
         return TrainState(optax.apply_updates(train_state.factors, updates), opt_state), losses
+
+    def step(self, step: int, batch: Batch) -> jax.Array:
+        """Train on batch `step`, updating train_state; returns each adapter's loss (K,)."""
+        self.train_state, losses = self._step(self.train_state, self.state, jnp.int32(step), batch)
+        return losses
 
     def _arrays(self, rows: list[list[Example]], slots: list[int], packed: bool) -> Batch:
         """The batch of these rows (each one example, or several when packed) on the mesh."""
@@ -187,7 +194,7 @@ class Trainer:
                                      packed=False)
                 if filler:
                     batch = batch._replace(weights=batch.weights.at[len(chunk):].set(0.0))
-                sums, counts = self._eval(self.train_state.factors, batch)
+                sums, counts = self._eval(self.train_state.factors, batch, None, self.state)
                 loss_sum, token_count = loss_sum + float(sums[i]), token_count + float(counts[i])
             if token_count:
                 totals[name] = loss_sum / token_count
@@ -214,7 +221,7 @@ class Trainer:
                                                              desc="train", initial=first, total=last) as bar:
             for step in bar:
                 started = time.perf_counter()
-                self.train_state, losses = self._step(self.train_state, jnp.int32(step), self.batch(step))
+                losses = self.step(step, self.batch(step))
                 losses = np.asarray(losses)
                 record = {"step": step + 1, "loss": float(losses.mean()),
                           "adapter_loss": dict(zip(self.names, map(float, losses))),
