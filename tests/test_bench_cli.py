@@ -26,6 +26,9 @@ DEFAULTS = {
                  "adapter_rank": 16, "families": 8, "noise": 0.1, "ranks": "8,16,32", "clusters": "1,8",
                  "method": "full", "serve_rank": 16, "serve_clusters": 8, "max_loras": 8, "max_batch": 32,
                  "requests": 128, "prompt_len": 16, "new_tokens": 16, "repeats": 2, "skip_serving": False},
+    "train": {"model": SMALL_32K, "mesh": "1x1", "strategy": "bdlora", "dtype": "float32", "json": False,
+              "adapters": 4, "batch": 32, "seq_len": 128, "lengths": "fixed", "packing": False, "loss_chunk": 0,
+              "rank": 16, "examples": 512, "warmup": 2, "steps": 5, "seed": 0},
     "cost": {"model": LLAMA_8B, "mesh": "1x8", "dtype": "bfloat16", "json": False, "device": None, "ranks": [16, 64],
              "multipliers": [2, 4], "batch": 16, "seq_len": 2048, "max_loras": 8, "adapters": 1},
 }
@@ -33,7 +36,8 @@ DEFAULTS = {
 
 def test_every_subcommand_module_has_the_interface():
     names = [module.NAME for module in SUBCOMMANDS]
-    assert names == ["comm", "serve", "step", "demo-accuracy", "kernel", "lower", "ablate", "compress", "cost"]
+    assert names == ["comm", "serve", "step", "demo-accuracy", "kernel", "lower", "ablate", "compress", "cost",
+                     "train"]
     for module in SUBCOMMANDS:
         assert isinstance(module.HELP, str) and module.__doc__
         assert all(callable(getattr(module, f)) for f in ("add_arguments", "run", "print_report"))
@@ -50,7 +54,8 @@ def test_ablate_takes_a_config_and_an_output_root():
     assert (args.config.name, str(args.out), args.json, args.mesh) == ("smoke", "results", False, "1x2")
 
 
-@pytest.mark.parametrize("command", ["comm", "serve", "step", "demo-accuracy", "kernel", "lower", "compress"])
+@pytest.mark.parametrize("command", ["comm", "serve", "step", "demo-accuracy", "kernel", "lower", "compress",
+                                     "train"])
 def test_strategy_choices_are_the_strategies(command, capsys):
     for strategy in STRATEGIES:
         assert build_parser().parse_args([command, "--strategy", strategy]).strategy == strategy

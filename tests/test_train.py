@@ -117,7 +117,7 @@ def test_exported_adapters_serve_the_trained_math(datasets, tmp_path, kind, mesh
             np.testing.assert_allclose(np.asarray(bank[key][0][i + 1]), a, rtol=0, atol=1e-6)
             np.testing.assert_allclose(np.asarray(bank[key][1][i + 1]), b, rtol=0, atol=1e-6)
     engine = Engine.from_pretrained(MODEL, mesh=mesh, strategy=strategy, max_loras=2, max_lora_rank=trainer.layout.max_rank)
-    inputs, _, _, _ = trainer.batch(0)
+    inputs = trainer.batch(0).inputs
     rows = [list(np.asarray(inputs)[0][:12]), list(np.asarray(inputs)[-1][:12])]
     for name, path in paths.items():
         engine.add_adapter(name, path)

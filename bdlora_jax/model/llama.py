@@ -170,7 +170,7 @@ class DecoderLayer(nnx.Module):
     def _constrain(self, x: jax.Array, axes: tuple) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.plan.sharding(axes))
 
-    def attention(self, x, positions, inv_freq, cache, start, adapters, routing):
+    def attention(self, x, positions, inv_freq, cache, start, adapters, routing, segment_ids=None):
         cfg, layer = self.config, self.index
         batch, seq = x.shape[:2]
         q = self.attn.apply("q_proj", x, layer, adapters, routing).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
@@ -187,14 +187,18 @@ class DecoderLayer(nnx.Module):
             values = self._constrain(write(cache[1], v.astype(cache[1].dtype), start), CACHE_AXES)
             key_positions = jnp.broadcast_to(jnp.arange(keys.shape[2]), (batch, keys.shape[2]))
             cache = (keys, values)
-        out = self._attend(q, keys, values, positions, key_positions)
+        out = self._attend(q, keys, values, positions, key_positions, segment_ids)
         return self.attn.apply("o_proj", out.reshape(batch, seq, cfg.q_dim), layer, adapters, routing), cache
 
-    def _attend(self, q, keys, values, positions, key_positions):
-        """Causal GQA attention in float32; kv heads are repeated when they are replicated (the fallback)."""
+    def _attend(self, q, keys, values, positions, key_positions, segment_ids=None):
+        """Causal GQA attention in float32; kv heads are repeated when they are replicated (the fallback).
+
+        With segment_ids (packed rows, no cache) a token attends only to earlier tokens of its own segment."""
         cfg = self.config
         batch, seq = q.shape[:2]
         mask = key_positions[:, None, :] <= positions[:, :, None]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, None, :] == segment_ids[:, :, None])
         scale = cfg.head_dim ** -0.5
         if self.plan.kv_replicated:
             groups = cfg.num_heads // cfg.num_kv_heads
@@ -226,8 +230,9 @@ class DecoderLayer(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1)
         return jnp.sum(probs[..., None] * values[:, :, None], axis=-2).astype(q.dtype)
 
-    def __call__(self, x, positions, inv_freq, cache, start, adapters, routing):
-        h, cache = self.attention(self.input_norm(x), positions, inv_freq, cache, start, adapters, routing)
+    def __call__(self, x, positions, inv_freq, cache, start, adapters, routing, segment_ids=None):
+        h, cache = self.attention(self.input_norm(x), positions, inv_freq, cache, start, adapters, routing,
+                                  segment_ids)
         x = x + h
         y = self.post_attention_norm(x)
         gate = self.mlp.apply("gate_proj", y, self.index, adapters, routing)
@@ -260,8 +265,25 @@ class Llama(nnx.Module):
         adapters: AdapterBatch | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits (batch, seq, vocab) in float32 for tokens placed at positions start + [0, seq)."""
+        x, new_cache = self.hidden_states(tokens, start, cache, adapters)
+        logits = jnp.einsum("bsd,dv->bsv", x, self.head_weight(), preferred_element_type=jnp.float32)
+        logits = jax.lax.with_sharding_constraint(logits, self.plan.sharding(("batch", "seq", "vocab")))
+        return logits, new_cache
+
+    def head_weight(self) -> jax.Array:
+        """The LM head (hidden, vocab): the embeddings transposed when tied."""
+        return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
+    def hidden_states(self, tokens: jax.Array, start: jax.Array, cache: KVCache | None = None,
+                      adapters: AdapterBatch | None = None, segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The final-normed hidden states (batch, seq, hidden) the LM head reads.
+
+        Packed rows (training, no cache) give segment_ids (batch, seq), attention staying within a segment, and
+        their own positions (batch, seq), restarting per segment; without them positions are start + [0, seq)."""
         plan = self.plan
-        positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        if positions is None:
+            positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
         inv_freq = rope_frequencies(self.config)
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = jax.lax.with_sharding_constraint(x, plan.sharding(("batch", "seq", "embed")))
@@ -269,13 +291,9 @@ class Llama(nnx.Module):
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, positions, inv_freq, None if cache is None else cache[i], start, adapters,
-                                   routing)
+                                   routing, segment_ids)
             new_cache.append(layer_cache)
-        x = self.norm(x)
-        head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
-        logits = jax.lax.with_sharding_constraint(logits, plan.sharding(("batch", "seq", "vocab")))
-        return logits, (None if cache is None else tuple(new_cache))
+        return self.norm(x), (None if cache is None else tuple(new_cache))
 
 
 def param_shardings(abstract_state: nnx.State, plan: ShardingPlan):
@@ -330,3 +348,11 @@ def abstract_cache(config: ModelConfig, plan: ShardingPlan, batch: int, max_seq_
 def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, start, cache=None, adapters=None):
     """Functional entry point for jit: rebuild the module from its state and run it."""
     return nnx.merge(graphdef, state)(tokens, start, cache, adapters)
+
+
+def forward_hidden(graphdef: nnx.GraphDef, state: nnx.State, tokens, start, adapters=None, segment_ids=None,
+                   positions=None) -> tuple[jax.Array, jax.Array]:
+    """(final hidden states, LM head weight) without the logits, for losses that apply the head themselves."""
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.hidden_states(tokens, start, None, adapters, segment_ids, positions)
+    return hidden, model.head_weight()

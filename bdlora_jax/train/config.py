@@ -36,6 +36,8 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/train"
     dtype: str = "float32"
+    packing: bool = False
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("lora", "bdlora"):
@@ -52,3 +54,5 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "rank", "save_every", "eval_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens={self.loss_chunk_tokens}: expected 0 (off) or a token count")

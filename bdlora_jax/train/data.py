@@ -1,7 +1,9 @@
 """Training data: one JSONL dataset per adapter, tokenized with loss masks, split, and drawn into mixed batches.
 
-Lines are {"prompt", "completion"} (loss on the completion and the end-of-sequence token) or {"text"} (loss
-on every token). Batch t holds `per_adapter` examples of each adapter, drawn from that adapter's own
+Lines are {"prompt", "completion"} (loss on the completion and the end-of-sequence token), {"text"} (loss
+on every token), or already tokenized: {"input_ids"} (loss on every token) or {"input_ids", "labels"} (labels
+as in Hugging Face: the token itself where the loss counts, -100 where it does not; nothing is added around
+them), which needs no tokenizer. Batch t holds `per_adapter` examples of each adapter, drawn from that adapter's own
 seeded permutation, so an adapter sees the same examples in the same order whether it trains alone or with
 others, and a resumed run draws the batches an uninterrupted one would.
 """
@@ -21,8 +23,34 @@ class Example:
     loss_mask: np.ndarray  # float32 (n,): 1 where the next-token loss counts (predicting tokens[i] from < i)
 
 
-def read_jsonl(path: str | Path, tokenizer, bos: int | None, eos: int | None, max_len: int) -> list[Example]:
-    """Tokenize a JSONL file; errors name the file and line."""
+IGNORE_LABEL = -100
+
+
+def token_ids(path: Path, number: int, record: dict, vocab_size: int | None) -> tuple[list[int], list[float]]:
+    """(tokens, loss mask) of an already tokenized row; errors name the file, line and field."""
+    ids = record["input_ids"]
+    if not isinstance(ids, list) or len(ids) < 2 or not all(type(t) is int for t in ids):
+        raise ValueError(f"{path}:{number}: field 'input_ids': expected a list of at least 2 integer token ids")
+    bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        raise ValueError(f"{path}:{number}: field 'input_ids': token id {bad[0]} outside the vocabulary "
+                         f"[0, {vocab_size})")
+    if "labels" not in record:
+        return ids, [1.0] * len(ids)
+    labels = record["labels"]
+    if not isinstance(labels, list) or len(labels) != len(ids) or not all(type(t) is int for t in labels):
+        raise ValueError(f"{path}:{number}: field 'labels': expected a list of {len(ids)} integers, "
+                         f"one per input id")
+    for i, (token, label) in enumerate(zip(ids, labels)):
+        if label not in (token, IGNORE_LABEL):
+            raise ValueError(f"{path}:{number}: field 'labels': position {i} is {label}; expected the input id "
+                             f"{token} (loss) or {IGNORE_LABEL} (no loss)")
+    return ids, [float(label != IGNORE_LABEL) for label in labels]
+
+
+def read_jsonl(path: str | Path, tokenizer, bos: int | None, eos: int | None, max_len: int,
+               vocab_size: int | None = None) -> list[Example]:
+    """Read a JSONL file, tokenizing text rows (tokenizer None: only token-id rows); errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: dataset file not found")
@@ -36,7 +64,12 @@ def read_jsonl(path: str | Path, tokenizer, bos: int | None, eos: int | None, ma
             raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
         head = [bos] if bos is not None else []
         tail = [eos] if eos is not None else []
-        if isinstance(record, dict) and {"prompt", "completion"} <= set(record):
+        if isinstance(record, dict) and "input_ids" in record:
+            tokens, mask = token_ids(path, number, record, vocab_size)
+        elif isinstance(record, dict) and tokenizer is None and ({"prompt", "text"} & set(record)):
+            raise ValueError(f"{path}:{number}: a text row needs the model's tokenizer.json, which it has not; "
+                             "give token ids as 'input_ids' (and 'labels')")
+        elif isinstance(record, dict) and {"prompt", "completion"} <= set(record):
             prompt = head + tokenizer.encode(str(record["prompt"])).ids
             completion = tokenizer.encode(str(record["completion"])).ids + tail
             tokens, mask = prompt + completion, [0.0] * len(prompt) + [1.0] * len(completion)
@@ -44,7 +77,8 @@ def read_jsonl(path: str | Path, tokenizer, bos: int | None, eos: int | None, ma
             tokens = head + tokenizer.encode(str(record["text"])).ids + tail
             mask = [0.0] * len(head) + [1.0] * (len(tokens) - len(head))
         else:
-            raise ValueError(f"{path}:{number}: expected an object with 'prompt' and 'completion', or 'text'")
+            raise ValueError(f"{path}:{number}: expected an object with 'prompt' and 'completion', 'text', "
+                             "or 'input_ids'")
         if len(tokens) > max_len:
             raise ValueError(f"{path}:{number}: {len(tokens)} tokens exceed seq_len={max_len}")
         examples.append(Example(np.asarray(tokens, np.int32), np.asarray(mask, np.float32)))
@@ -72,6 +106,66 @@ def draw(examples: list[Example], step: int, per_batch: int, seed: int) -> list[
         order = np.random.default_rng((seed, epoch)).permutation(n)
         out.append(examples[order[index]])
     return out
+
+
+class PackedStream:
+    """One adapter's examples in draw's order, packed next-fit into `rows` rows of seq_len input tokens a batch.
+
+    An example fills len(tokens) - 1 input positions; one that does not fit its row starts the next, and one
+    that does not fit the batch's last row starts the next batch. Batch t's rows depend only on t, so a resumed
+    run packs as an uninterrupted one did."""
+
+    def __init__(self, examples: list[Example], rows: int, seq_len: int, seed: int):
+        self.examples, self.rows, self.seq_len, self.seed = examples, rows, seq_len, seed
+        self._starts = [0]
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _example(self, position: int) -> Example:
+        epoch, index = divmod(position, len(self.examples))
+        if epoch not in self._orders:
+            self._orders[epoch] = np.random.default_rng((self.seed, epoch)).permutation(len(self.examples))
+        return self.examples[self._orders[epoch][index]]
+
+    def _pack(self, start: int) -> tuple[list[list[Example]], int]:
+        """The rows of the batch starting at stream position `start`, and where the next batch starts."""
+        rows, used, position = [[]], 0, start
+        while True:
+            example = self._example(position)
+            size = len(example.tokens) - 1
+            if used + size > self.seq_len:
+                if len(rows) == self.rows:
+                    return rows, position
+                rows.append([])
+                used = 0
+            rows[-1].append(example)
+            used += size
+            position += 1
+
+    def batch(self, step: int) -> list[list[Example]]:
+        """The examples of each of the `rows` rows of batch `step`."""
+        while len(self._starts) <= step:
+            self._starts.append(self._pack(self._starts[-1])[1])
+        return self._pack(self._starts[step])[0]
+
+
+def pack_batch(rows: list[list[Example]], seq_len: int, pad: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs, targets, weights, segment_ids, positions) (rows, seq_len) of packed rows: example j of a row is
+    segment j + 1 (0 = padding) with positions from 0, holding exactly what pad_batch gives it alone."""
+    inputs = np.full((len(rows), seq_len), pad, np.int32)
+    targets = np.full((len(rows), seq_len), pad, np.int32)
+    weights = np.zeros((len(rows), seq_len), np.float32)
+    segment_ids = np.zeros((len(rows), seq_len), np.int32)
+    positions = np.zeros((len(rows), seq_len), np.int32)
+    for i, row in enumerate(rows):
+        offset = 0
+        for j, example in enumerate(row):
+            n = len(example.tokens) - 1
+            span = slice(offset, offset + n)
+            inputs[i, span], targets[i, span] = example.tokens[:-1], example.tokens[1:]
+            weights[i, span], segment_ids[i, span], positions[i, span] = example.loss_mask[1:], j + 1, np.arange(n)
+            offset += n
+    return inputs, targets, weights, segment_ids, positions
 
 
 def pad_batch(rows: list[Example], seq_len: int, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,15 +1,16 @@
 """Fine-tune several LoRA / BD-LoRA adapters at once on a frozen base, with the serving model, bank and strategies.
 
 The loss is the sum over adapters of each adapter's mean token loss and gradients are clipped per adapter,
-so every adapter gets exactly the update it would get training alone. Checkpoints (optax state included)
-go through orbax's CheckpointManager; a resumed run continues as if uninterrupted.
+so every adapter gets exactly the update it would get training alone. The train state lives replicated on the
+mesh from the start and the step is donated and compiled once. Rows are padded examples, or (packing) several
+examples of one adapter each, attending only within themselves. Checkpoints (optax state included) go through
+orbax's CheckpointManager every save_every steps and at the end; a resumed run continues as if uninterrupted.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,21 +18,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ..adapters.bank import BankLayout, bank_specs
 from ..adapters.peft_io import write_adapter
 from ..demo import is_demo_model, resolve_model_path
 from ..mesh import make_mesh
-from ..model.llama import AdapterBatch, forward
+from ..model.llama import AdapterBatch, forward_hidden, init_model
 from ..sharding import make_plan
 from .config import TrainConfig
-from .data import draw, pad_batch, read_jsonl, split
+from .data import Example, PackedStream, draw, pack_batch, pad_batch, read_jsonl, split
 from .factors import AdapterSpec, bank_rank, export, init_factors, to_bank
+from .loss import token_cross_entropy
 
 
 class TrainState(NamedTuple):
+    """The trainable factors of every adapter and their optimizer state."""
+
     factors: dict
     opt_state: optax.OptState
+
+
+class Batch(NamedTuple):
+    """One batch on the mesh, (rows, seq_len) each but slots (rows,); packed rows add segment ids and positions."""
+
+    inputs: jax.Array
+    targets: jax.Array
+    weights: jax.Array
+    slots: jax.Array
+    segment_ids: jax.Array | None = None
+    positions: jax.Array | None = None
 
 
 def clip_by_adapter_norm(max_norm: float) -> optax.GradientTransformation:
@@ -57,14 +73,14 @@ class Trainer:
     """Holds the frozen base on its mesh, the datasets and the trainable factors of every adapter."""
 
     def __init__(self, cfg: TrainConfig):
-        from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
+        from ..checkpoint import load_hf_params, load_model_config, load_tokenizer, resolve_model_config
 
         self.cfg = cfg
         path = resolve_model_path(cfg.model)
-        self.model_config = load_model_config(path)
-        self.tokenizer = load_tokenizer(path)
-        if self.tokenizer is None:
-            raise ValueError(f"{path}: training needs a tokenizer.json")
+        if path.is_dir():
+            self.model_config, self.tokenizer = load_model_config(path), load_tokenizer(path)
+        else:  # a model config (configs/models/*.yaml or a shipped name): random weights, for benchmarks
+            self.model_config, self.tokenizer = resolve_model_config(cfg.model), None
         self.spec = AdapterSpec(rank=cfg.rank, alpha=cfg.alpha, target_modules=tuple(cfg.target_modules),
                                 nblocks=cfg.nblocks if cfg.kind == "bdlora" else 1, use_rslora=cfg.use_rslora)
         self.spec.validate(self.model_config)
@@ -75,61 +91,94 @@ class Trainer:
         rank = bank_rank(self.spec, n, block_factors)
         self.plan = make_plan(mesh, cfg.strategy, self.model_config, rank)
         self.layout = BankLayout(self.model_config, len(self.names) + 1, rank, n, block_factors, cfg.dtype)
-        self.graphdef, self.state = load_hf_params(path, self.model_config, self.plan, jnp.dtype(cfg.dtype))
-        self.train_sets, self.eval_sets = {}, {}
+        dtype = jnp.dtype(cfg.dtype)
+        self.graphdef, self.state = (load_hf_params(path, self.model_config, self.plan, dtype) if path.is_dir()
+                                     else init_model(self.model_config, self.plan, dtype, cfg.seed))
+        self.train_sets, self.eval_sets, self.streams = {}, {}, {}
         eos = self.model_config.eos_token_ids[0] if self.model_config.eos_token_ids else None
+        per = cfg.batch_size // len(self.names)
         for i, (name, data) in enumerate(cfg.adapters.items()):
-            examples = read_jsonl(data, self.tokenizer, self.model_config.bos_token_id, eos, cfg.seq_len + 1)
+            examples = read_jsonl(data, self.tokenizer, self.model_config.bos_token_id, eos, cfg.seq_len + 1,
+                                  self.model_config.vocab_size)
             self.train_sets[name], self.eval_sets[name] = split(examples, cfg.eval_fraction, cfg.seed + i)
+            self.streams[name] = PackedStream(self.train_sets[name], per, cfg.seq_len, cfg.seed + 1000 * i)
         self.pad = eos if eos is not None else 0
         self.optimizer = make_optimizer(cfg)
         factors = init_factors(self.spec, self.model_config, len(self.names), cfg.seed)
-        self.train_state = TrainState(factors, self.optimizer.init(factors))
-        self._step = jax.jit(self._train_step, donate_argnums=(0,))
+        state = TrainState(factors, self.optimizer.init(factors))
+        replicated = NamedSharding(self.plan.mesh, PartitionSpec())
+        self.state_shardings = jax.tree.map(lambda _: replicated, state)
+        self.train_state = jax.device_put(state, self.state_shardings)
+        self._step = jax.jit(self._train_step, donate_argnums=(0,), out_shardings=(self.state_shardings, replicated))
         self._eval = jax.jit(self._loss_sums)
 
-    def _loss_sums(self, factors, inputs, targets, weights, slots, dropout_key=None):
-        """Each adapter's summed token loss and token count over the rows that use it, (K,) each."""
+    def token_losses(self, factors, batch: Batch, dropout_key=None, base=None) -> jax.Array:
+        """Each token's cross-entropy (rows, seq_len), weighted: 0 on padding and prompts. base: the frozen model's
+        state (default self.state; jitted steps pass it as an argument rather than embed it as a constant)."""
         specs = bank_specs(self.layout, self.plan)
         bank = to_bank(factors, self.spec, self.layout)
-        bank = {k: tuple(jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.plan.mesh, s))
+        bank = {k: tuple(jax.lax.with_sharding_constraint(x, NamedSharding(self.plan.mesh, s))
                          for x, s in zip(pair, specs[k])) for k, pair in bank.items()}
-        start = jnp.zeros((inputs.shape[0],), jnp.int32)
+        start = jnp.zeros((batch.inputs.shape[0],), jnp.int32)
         rate = jnp.float32(self.cfg.dropout) if dropout_key is not None else None
-        logits, _ = forward(self.graphdef, self.state, inputs, start, None, AdapterBatch(bank, slots, dropout_key, rate))
-        token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights
+        hidden, head = forward_hidden(self.graphdef, self.state if base is None else base, batch.inputs, start,
+                                      AdapterBatch(bank, batch.slots, dropout_key, rate), batch.segment_ids,
+                                      batch.positions)
+        return token_cross_entropy(hidden, head, batch.targets, self.cfg.loss_chunk_tokens) * batch.weights
+
+    def _loss_sums(self, factors, batch: Batch, dropout_key=None, base=None):
+        """Each adapter's summed token loss and token count over the rows that use it, (K,) each."""
+        token_loss = self.token_losses(factors, batch, dropout_key, base)
         k = len(self.names)
-        sums = jax.ops.segment_sum(token_loss.sum(axis=1), slots - 1, num_segments=k)
-        counts = jax.ops.segment_sum(weights.sum(axis=1), slots - 1, num_segments=k)
+        sums = jax.ops.segment_sum(token_loss.sum(axis=1), batch.slots - 1, num_segments=k)
+        counts = jax.ops.segment_sum(batch.weights.sum(axis=1), batch.slots - 1, num_segments=k)
         return sums, counts
 
-    def _train_step(self, train_state: TrainState, step, inputs, targets, weights, slots):
+    def adapter_losses(self, factors, batch: Batch, dropout_key=None, base=None) -> tuple[jax.Array, jax.Array]:
+        """(the loss trained on: the sum over adapters, each adapter's token-mean loss (K,))."""
+        sums, counts = self._loss_sums(factors, batch, dropout_key, base)
+        losses = sums / jnp.maximum(counts, 1.0)
+        return losses.sum(), losses
+
+    def _train_step(self, train_state: TrainState, base, step, batch: Batch):
+        """One optimizer step of every adapter on `batch`; base is the frozen model's state."""
         dropout_key = jax.random.fold_in(jax.random.key(self.cfg.seed), step) if self.cfg.dropout > 0 else None
-
-        def total(factors):
-            sums, counts = self._loss_sums(factors, inputs, targets, weights, slots, dropout_key)
-            losses = sums / jnp.maximum(counts, 1.0)
-            return losses.sum(), losses
-
-        (_, losses), grads = jax.value_and_grad(total, has_aux=True)(train_state.factors)
+        (_, losses), grads = jax.value_and_grad(self.adapter_losses, has_aux=True)(train_state.factors, batch,
+                                                                                   dropout_key, base)
         updates, opt_state = self.optimizer.update(grads, train_state.opt_state, train_state.factors)
         return TrainState(optax.apply_updates(train_state.factors, updates), opt_state), losses
 
-    def _arrays(self, rows, slots):
-        inputs, targets, weights = pad_batch(rows, self.cfg.seq_len, self.pad)
-        batch = self.plan.sharding(("batch", "seq"))
-        put = partial(jax.device_put, device=batch)
-        return (put(inputs), put(targets), put(weights),
-                jax.device_put(np.asarray(slots, np.int32), self.plan.sharding(("batch",))))
+    def step(self, step: int, batch: Batch) -> jax.Array:
+        """Train on batch `step`, updating train_state; returns each adapter's loss (K,)."""
+        self.train_state, losses = self._step(self.train_state, self.state, jnp.int32(step), batch)
+        return losses
 
-    def batch(self, step: int):
-        """Batch `step`: per_adapter examples of every adapter, rows tagged with the adapter's slot."""
+    def _arrays(self, rows: list[list[Example]], slots: list[int], packed: bool) -> Batch:
+        """The batch of these rows (each one example, or several when packed) on the mesh."""
+        if packed:
+            arrays = pack_batch(rows, self.cfg.seq_len, self.pad)
+        else:
+            arrays = pad_batch([examples[0] for examples in rows], self.cfg.seq_len, self.pad)
+        sharding = self.plan.sharding(("batch", "seq"))
+        return Batch(*(jax.device_put(a, sharding) for a in arrays[:3]),
+                     jax.device_put(np.asarray(slots, np.int32), self.plan.sharding(("batch",))),
+                     *(jax.device_put(a, sharding) for a in arrays[3:]))
+
+    def rows(self, step: int) -> tuple[list[list[Example]], list[int]]:
+        """Batch `step`'s rows, per_adapter of every adapter (each the examples it holds), and each row's slot."""
         per = self.cfg.batch_size // len(self.names)
         rows, slots = [], []
         for i, name in enumerate(self.names):
-            rows += draw(self.train_sets[name], step, per, self.cfg.seed + 1000 * i)
+            if self.cfg.packing:
+                rows += self.streams[name].batch(step)
+            else:
+                rows += [[e] for e in draw(self.train_sets[name], step, per, self.cfg.seed + 1000 * i)]
             slots += [i + 1] * per
-        return self._arrays(rows, slots)
+        return rows, slots
+
+    def batch(self, step: int) -> Batch:
+        """Batch `step`: per_adapter rows of every adapter, tagged with the adapter's slot."""
+        return self._arrays(*self.rows(step), packed=self.cfg.packing)
 
     def evaluate(self) -> dict[str, float]:
         """Mean held-out token loss of each adapter (rows padding a chunk to the data axis carry no weight)."""
@@ -141,27 +190,26 @@ class Trainer:
             for start in range(0, len(held), chunk_rows):
                 chunk = held[start:start + chunk_rows]
                 filler = -len(chunk) % self.plan.data_size
-                inputs, targets, weights, slots = self._arrays(chunk + chunk[:1] * filler, [i + 1] * (len(chunk) + filler))
+                batch = self._arrays([[e] for e in chunk + chunk[:1] * filler], [i + 1] * (len(chunk) + filler),
+                                     packed=False)
                 if filler:
-                    weights = weights.at[len(chunk):].set(0.0)
-                sums, counts = self._eval(self.train_state.factors, inputs, targets, weights, slots)
+                    batch = batch._replace(weights=batch.weights.at[len(chunk):].set(0.0))
+                sums, counts = self._eval(self.train_state.factors, batch, None, self.state)
                 loss_sum, token_count = loss_sum + float(sums[i]), token_count + float(counts[i])
             if token_count:
                 totals[name] = loss_sum / token_count
         return totals
 
     def fit(self, steps: int | None = None, progress: bool = True) -> list[dict]:
-        """Train (resuming from the latest checkpoint in out_dir), logging metrics.jsonl; returns this call's records."""
+        """Train (resuming from the latest checkpoint in out_dir), logging metrics.jsonl and saving every save_every
+        steps and after the last; returns this call's records."""
         import orbax.checkpoint as ocp
         from tqdm import tqdm
 
         out = Path(self.cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        manager = ocp.CheckpointManager(
-            (out / "checkpoints").resolve(),
-            options=ocp.CheckpointManagerOptions(save_interval_steps=self.cfg.save_every,
-                                                 max_to_keep=self.cfg.keep_last),
-        )
+        manager = ocp.CheckpointManager((out / "checkpoints").resolve(),
+                                        options=ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_last))
         first = 0
         if manager.latest_step() is not None:
             first = manager.latest_step()
@@ -173,14 +221,15 @@ class Trainer:
                                                              desc="train", initial=first, total=last) as bar:
             for step in bar:
                 started = time.perf_counter()
-                self.train_state, losses = self._step(self.train_state, jnp.int32(step), *self.batch(step))
+                losses = self.step(step, self.batch(step))
                 losses = np.asarray(losses)
                 record = {"step": step + 1, "loss": float(losses.mean()),
                           "adapter_loss": dict(zip(self.names, map(float, losses))),
                           "seconds": time.perf_counter() - started}
                 if (step + 1) % self.cfg.eval_every == 0 or step + 1 == self.cfg.steps:
                     record["eval_loss"] = self.evaluate()
-                manager.save(step + 1, args=ocp.args.StandardSave(self.train_state._asdict()))
+                if (step + 1) % self.cfg.save_every == 0 or step + 1 == last:
+                    manager.save(step + 1, args=ocp.args.StandardSave(self.train_state._asdict()), force=True)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 records.append(record)
