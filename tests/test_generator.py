@@ -1,5 +1,7 @@
 """The generator's batched prefill equals one prompt per call, and after warm-up a mixed run compiles nothing."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from helpers import FIXTURE_ADAPTERS
@@ -8,6 +10,8 @@ from bdlora_jax import Engine
 from bdlora_jax.engine.generator import Request
 from bdlora_jax.engine.metrics import CompileCounter
 from bdlora_jax.engine.sampler import SamplingParams
+
+pytestmark = pytest.mark.xdist_group("generator")  # one worker builds the module's engines once
 
 LENGTHS = (3, 17, 9, 30, 12, 5, 21, 16)  # two length buckets (16, 32), eight prompts
 
@@ -72,6 +76,7 @@ def test_no_compilation_after_warm_up_in_a_mixed_run_of_sampling_penalties_and_l
               SamplingParams(temperature=0.0, max_tokens=5, repetition_penalty=1.3, logprobs=3),
               SamplingParams(temperature=0.7, max_tokens=6, logit_bias=((5, 2.0),), min_tokens=4, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=4, logprobs=0, presence_penalty=0.5, frequency_penalty=0.5)]
+    params = [dataclasses.replace(p, ignore_eos=True) for p in params]  # every row runs to max_tokens
     requests = [Request(p, ADAPTERS[i % len(ADAPTERS)], params[i % len(params)]) for i, p in enumerate(prompts)]
     eng.generator.run(requests)
     assert all(r.finish_reason == "length" for r in requests)

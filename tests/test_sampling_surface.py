@@ -24,6 +24,8 @@ from bdlora_jax.engine.sampler import SamplingParams
 from bdlora_jax.engine.scheduler import Scheduler
 from bdlora_jax.server import create_app
 
+pytestmark = pytest.mark.xdist_group("sampling_surface")  # one worker builds the module's served engine once
+
 ENGINE_OPTS = dict(mesh="1x2", strategy="bdlora", max_loras=2, max_lora_rank=16, max_batch=4, max_seq_len=128)
 SERVED = "demo"
 EOS = 257

@@ -32,6 +32,8 @@ from bdlora_jax.demo import demo_adapters
 from bdlora_jax.engine.scheduler import Scheduler
 from bdlora_jax.server import create_app
 
+pytestmark = pytest.mark.xdist_group("serve_adapters")  # one worker builds the module's served engine once
+
 ENGINE_OPTS = dict(mesh="1x2", strategy="bdlora", max_loras=2, max_lora_rank=16, max_batch=4, max_seq_len=128)
 MAX_RANK = ENGINE_OPTS["max_lora_rank"]
 SERVED = "demo"

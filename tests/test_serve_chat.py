@@ -20,6 +20,8 @@ from bdlora_jax.demo import demo_adapters
 from bdlora_jax.engine.scheduler import Scheduler
 from bdlora_jax.server import create_app
 
+pytestmark = pytest.mark.xdist_group("serve_chat")  # one worker builds the module's served engine once
+
 ENGINE_OPTS = dict(mesh="1x1", strategy="replicated", max_loras=2, max_lora_rank=16, max_batch=4, max_seq_len=128)
 MAX_SEQ_LEN = ENGINE_OPTS["max_seq_len"]
 SERVED = "demo"

@@ -26,6 +26,8 @@ from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.engine.scheduler import Scheduler
 from bdlora_jax.server import create_app
 
+pytestmark = pytest.mark.xdist_group("serve_fuzz")  # one worker builds the module's served engine once
+
 SERVED = "demo"
 MAX_SEQ_LEN = 32
 DRAWN_EXAMPLES = 100  # per endpoint: bodies drawn from its schema (ordinary, cut off, extra fields, not JSON)

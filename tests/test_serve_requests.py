@@ -30,6 +30,8 @@ from bdlora_jax.server.http_protocol import with_request_timeout
 from bdlora_jax.server.prompt_length import keeps_length, max_chars_per_token
 from bdlora_jax.text_stream import TextStream
 
+pytestmark = pytest.mark.xdist_group("serve_requests")  # one worker builds the module's served engine once
+
 MAX_SEQ_LEN = 128
 SERVED = "demo"
 GOOD = {"model": SERVED, "prompt": "Hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
