@@ -165,6 +165,15 @@ def test_chat_logprobs_equal_the_completion_logprobs_of_the_rendered_prompt(app,
     assert plain["choices"][0]["message"]["content"] == chat["message"]["content"]
 
 
+def test_echo_with_logprobs_is_refused_by_name(app):
+    """The prompt's own logprobs are not computed, so echo with logprobs is a 400, never an answer without them."""
+    response = post(app, "/v1/completions", {"model": SERVED, "prompt": "Hi", "max_tokens": 2, "echo": True,
+                                             "logprobs": 1})
+    assert_error(response, 400, "echo", "logprobs")
+    assert post(app, "/v1/completions", {"model": SERVED, "prompt": "Hi", "max_tokens": 2,
+                                         "echo": True}).json()["choices"][0]["text"].startswith("Hi")
+
+
 def test_top_logprobs_needs_logprobs(app):
     response = post(app, "/v1/chat/completions", {"model": SERVED, "messages": CONVERSATION, "top_logprobs": 2})
     assert_error(response, 400, "top_logprobs", "logprobs=true")

@@ -200,6 +200,9 @@ async def completions(body: CompletionBody, http: HttpRequest, ctx: ServerContex
     """
     engine = ctx.engine
     adapter = adapter_of(ctx, body.model)
+    if body.echo and body.logprobs is not None:
+        raise InvalidRequestError("echo", "echo together with logprobs (the prompt's own logprobs) is not supported; "
+                                          "ask for one or the other")
     refuse_overlong_text(engine.tokenizer, body.prompt, engine.config.max_seq_len)
     ids = await asyncio.to_thread(prompt_ids, engine, body.prompt)
     params = sampling_params(body, engine.model_config.vocab_size, body.max_tokens, body.logprobs)
