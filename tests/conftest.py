@@ -20,6 +20,7 @@ import pytest
 from helpers import FIXTURES, GOOD, assert_serves, make_engine
 
 from bdlora_jax.checkpoint import load_model_config
+from bdlora_jax.server import create_app
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +49,21 @@ def eng(hf_dir, reference):
 def model_config(hf_dir):
     """The fixture model's ModelConfig."""
     return load_model_config(hf_dir / "model")
+
+
+@pytest.fixture(scope="module")
+def engine(served):
+    """The engine of a module's `served` fixture: (engine, its running Scheduler)."""
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def scheduler(served):
+    """The Scheduler thread of a module's `served` fixture."""
+    return served[1]
+
+
+@pytest.fixture(scope="module")
+def app(served):
+    """The app over a module's `served` engine, its base model served as "demo" (no API key, no lora root)."""
+    return create_app(*served, "demo")

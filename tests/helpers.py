@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from bdlora_jax import Engine
 from bdlora_jax.config import ModelConfig
+from bdlora_jax.engine.scheduler import Scheduler
 from bdlora_jax.errors import AdapterError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_tiny"  # 2-layer Llama, PEFT adapters, reference logits
@@ -38,6 +41,19 @@ def lora_tensor_name(layer: int, module: str, factor: str) -> str:
     """The PEFT safetensors name of one LoRA factor ("A" or "B") of one module in one layer."""
     parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
     return f"base_model.model.model.layers.{layer}.{parent}.{module}.lora_{factor}.weight"
+
+
+@contextmanager
+def running_scheduler(engine: Engine, warm_up: bool = True) -> Iterator[tuple[Engine, Scheduler]]:
+    """(engine, its Scheduler thread) as the server runs them: warmed up unless told not to, started, stopped on exit."""
+    scheduler = Scheduler(engine)
+    if warm_up:
+        scheduler.warm_up()
+    scheduler.start()
+    try:
+        yield engine, scheduler
+    finally:
+        scheduler.stop()
 
 
 def make_engine(hf_dir: Path, **kwargs) -> Engine:

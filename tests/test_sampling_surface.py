@@ -15,14 +15,12 @@ import threading
 import httpx
 import numpy as np
 import pytest
-from helpers import penalized_reference
+from helpers import penalized_reference, running_scheduler
 
 from bdlora_jax import Engine
 from bdlora_jax.demo import demo_adapters
 from bdlora_jax.engine.generator import Request
 from bdlora_jax.engine.sampler import SamplingParams
-from bdlora_jax.engine.scheduler import Scheduler
-from bdlora_jax.server import create_app
 
 pytestmark = pytest.mark.xdist_group("sampling_surface")  # one worker builds the module's served engine once
 
@@ -40,15 +38,8 @@ def served():
     engine = Engine.from_pretrained("demo", **ENGINE_OPTS)
     for name, path in demo_adapters().items():
         engine.add_adapter(name, path)
-    scheduler = Scheduler(engine)
-    scheduler.start()
-    yield engine, scheduler
-    scheduler.stop()
-
-
-@pytest.fixture(scope="module")
-def app(served):
-    return create_app(*served, SERVED)
+    with running_scheduler(engine, warm_up=False) as served:
+        yield served
 
 
 def generate(served, prompt: str, adapter: str | None, **params) -> Request:

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import running_scheduler
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load_file, save_file
 
@@ -60,21 +61,8 @@ def served(dirs):
     engine.add_adapter(NEIGHBOUR, demo_adapters()[NEIGHBOUR])
     victim = write_adapter(random_adapter(engine.model_config, "victim", rank=4, seed=5), dirs["startup"] / "victim")
     engine.add_adapter("victim", victim)
-    scheduler = Scheduler(engine)
-    scheduler.warm_up()
-    scheduler.start()
-    yield engine, scheduler
-    scheduler.stop()
-
-
-@pytest.fixture(scope="module")
-def engine(served) -> Engine:
-    return served[0]
-
-
-@pytest.fixture(scope="module")
-def scheduler(served) -> Scheduler:
-    return served[1]
+    with running_scheduler(engine) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

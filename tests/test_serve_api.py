@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import running_scheduler
 from prometheus_client.parser import text_string_to_metric_families
 
 from bdlora_jax import Engine
@@ -52,26 +53,8 @@ def make_engine() -> Engine:
 @pytest.fixture(scope="module")
 def served():
     engine = make_engine()
-    scheduler = Scheduler(engine)
-    scheduler.warm_up()
-    scheduler.start()
-    yield engine, scheduler
-    scheduler.stop()
-
-
-@pytest.fixture(scope="module")
-def engine(served):
-    return served[0]
-
-
-@pytest.fixture(scope="module")
-def scheduler(served):
-    return served[1]
-
-
-@pytest.fixture(scope="module")
-def app(served):
-    return create_app(*served, SERVED)
+    with running_scheduler(engine) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

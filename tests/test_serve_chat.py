@@ -14,11 +14,10 @@ import json
 import httpx
 import openai
 import pytest
+from helpers import running_scheduler
 
 from bdlora_jax import Engine
 from bdlora_jax.demo import demo_adapters
-from bdlora_jax.engine.scheduler import Scheduler
-from bdlora_jax.server import create_app
 
 pytestmark = pytest.mark.xdist_group("serve_chat")  # one worker builds the module's served engine once
 
@@ -38,20 +37,8 @@ CONVERSATION = [
 def served():
     engine = Engine.from_pretrained("demo", **ENGINE_OPTS)
     engine.add_adapter(ADAPTER, demo_adapters()[ADAPTER])
-    scheduler = Scheduler(engine)  # no warm-up: only the few shapes these tests use get compiled
-    scheduler.start()
-    yield engine, scheduler
-    scheduler.stop()
-
-
-@pytest.fixture(scope="module")
-def engine(served):
-    return served[0]
-
-
-@pytest.fixture(scope="module")
-def app(served):
-    return create_app(*served, SERVED)
+    with running_scheduler(engine, warm_up=False) as served:  # no warm-up: only the shapes used get compiled
+        yield served
 
 
 def http_client(app) -> httpx.AsyncClient:

@@ -20,9 +20,9 @@ import time
 import httpx
 import pytest
 import uvicorn
+from helpers import running_scheduler
 
 from bdlora_jax import Engine
-from bdlora_jax.engine.scheduler import Scheduler
 from bdlora_jax.server import completions, create_app
 from bdlora_jax.server.completions import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from bdlora_jax.server.graceful import GracefulServer
@@ -41,15 +41,8 @@ GOOD = {"model": SERVED, "prompt": "Hello", "max_tokens": 3, "temperature": 0, "
 def served():
     engine = Engine.from_pretrained("demo", mesh="1x1", strategy="bdlora", max_loras=1, max_lora_rank=8,
                                     max_batch=4, max_seq_len=MAX_SEQ_LEN)
-    scheduler = Scheduler(engine)  # no warm-up: these requests compile only the smallest prefill bucket
-    scheduler.start()
-    yield engine, scheduler
-    scheduler.stop()
-
-
-@pytest.fixture(scope="module")
-def app(served):
-    return create_app(*served, SERVED)
+    with running_scheduler(engine, warm_up=False) as served:  # no warm-up: only the smallest prefill bucket compiles
+        yield served
 
 
 def client(app) -> httpx.AsyncClient:
