@@ -3,7 +3,8 @@
 Tokens are laid out in the routing's tiles (every tile holds tokens of one adapter group, padded with zero rows);
 a loop over tiles multiplies each tile by its adapter's A and B, read in place from the bank (no per-token or
 per-tile copy of the factors); a token without an adapter is in no tile and gets zeros. Block-diagonal factors
-(bdlora) contract block by block.
+(bdlora) contract block by block. A batch routed in blocks of rows (training) skips the tiles: each block's
+tokens are contiguous already, so one batched matmul multiplies every block by a copy of its adapter's factors.
 """
 
 from __future__ import annotations
@@ -69,3 +70,62 @@ def grouped_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routin
     else:
         y = _each_tile(tiles, routing.tile_slots, lambda slot, tile: expand(slot, shrink(slot, tile)))
     return from_tiles(y, routing).reshape(batch, seq, -1)
+
+
+@jax.custom_vjp
+def _group_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """(groups, tokens, k) · (groups, k, n) -> (groups, tokens, n) in float32, one matrix per group.
+
+    Its backward pass computes the weight gradient as (narrow operand)ᵀ · (wide operand), so that only the
+    rank-sized side is ever transposed: autodiff's xᵀ·dy would transpose the wide activations (on CPU, a copy
+    fused into the elementwise backward that costs as much as the layer's matmul)."""
+    return jnp.einsum("gtk,gkn->gtn", x, w, preferred_element_type=jnp.float32)
+
+
+def _group_matmul_fwd(x, w):
+    return _group_matmul(x, w), (x, w)
+
+
+def _group_matmul_bwd(residuals, dy):
+    x, w = residuals
+    dx = jnp.einsum("gtn,gkn->gtk", dy, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    if x.shape[-1] <= dy.shape[-1]:
+        dw = jnp.einsum("gtk,gtn->gkn", x, dy, preferred_element_type=jnp.float32)
+    else:
+        dw = jnp.swapaxes(jnp.einsum("gtn,gtk->gnk", dy, x, preferred_element_type=jnp.float32), 1, 2)
+    return dx, dw.astype(w.dtype)
+
+
+_group_matmul.defvjp(_group_matmul_fwd, _group_matmul_bwd)
+
+
+def _group_product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """_group_matmul of operands made to vary over the same mesh axes (under shard_map), as autodiff's own dot
+    would: the cotangent of an operand that varies over fewer axes is then summed over the others."""
+    def varying(v):
+        return jax.typeof(v).manual_axis_type.varying
+
+    axes = varying(x) | varying(w)
+    x, w = (jax.lax.pcast(v, tuple(axes - varying(v)), to="varying") if axes - varying(v) else v for v in (x, w))
+    return _group_matmul(x, w)
+
+
+def _contract_blocks(x: jax.Array, factors: jax.Array, block: bool) -> jax.Array:
+    """(groups, tokens, k) times one factor per group (groups, k, n), or block-diagonal (groups, nb, k/nb, n/nb)."""
+    if not block:
+        return _group_product(x, factors)
+    if factors.shape[1] == 1:  # one block on this device (bdlora's own shard): a dense factor
+        return _group_product(x, factors[:, 0])
+    xb = x.reshape(x.shape[:2] + factors.shape[1:3])
+    y = jnp.einsum("gtbk,gbkn->gtbn", xb, factors, preferred_element_type=jnp.float32)
+    return y.reshape(x.shape[:2] + (-1,))
+
+
+def block_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, block_slots: jax.Array, a_block: bool, b_block: bool,
+                     join: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Per-device x·A[slot]·B[slot] (batch, seq, out) in float32 for rows in equal blocks, block i on bank slot
+    block_slots[i]; join is the strategy's collective on the rank-sized x·A."""
+    batch, seq, width = x.shape
+    blocks = block_slots.shape[0]
+    h = join(_contract_blocks(x.reshape(blocks, batch // blocks * seq, width), a[block_slots], a_block))
+    return _contract_blocks(h.astype(b.dtype), b[block_slots], b_block).reshape(batch, seq, -1)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from .compressed_delta import compressed_delta
-from .grouped import grouped_lora_delta
+from .grouped import block_lora_delta, grouped_lora_delta
 from .linear import RESOLVED_LORA_IMPLS, DeltaContext, LoraLayout
 from .pallas_delta import pallas_lora_add
 from .routing import Routing
@@ -71,6 +71,8 @@ class LoraOperand:
         if dropout is not None:
             key, rate = dropout
             x = jnp.where(_dropout_mask(key, rate, x, ctx), x / (1.0 - rate), 0.0).astype(x.dtype)
+        if routing.block_slots is not None:
+            return ctx.add(y, block_lora_delta(x, a, b, routing.block_slots, layout.a_block, layout.b_block, ctx.join))
         collective = layout.gather_rank or layout.reduce_rank
         return ctx.add(y, grouped_lora_delta(x, a, b, routing, layout.a_block, layout.b_block, ctx.join, collective))
 

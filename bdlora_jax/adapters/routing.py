@@ -7,12 +7,16 @@ without an adapter (slot 0) come last in a group of their own that no module com
   only, so each tile multiplies one copy of its adapter's factors (never one copy per token);
 - for the Pallas prefill kernels: the sorted order and the kernels' work items (slot, start, end per row tile);
 - for a compressed bank: the tokens that use one, in cluster order with the size of each cluster.
+A training batch, whose rows come in aligned blocks that share one adapter, needs none of that: its routing is
+each block's slot (`route_blocks`), and every module multiplies each block's tokens, already contiguous, by one
+copy of its adapter's factors.
 Routing is computed per data shard inside a shard_map, so its arrays are laid out shard after shard along
 their first axis and each device of an adapted module's shard_map receives its own shard's routing.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -25,15 +29,16 @@ from ..kernels import prefill_block_m, work_items
 class Routing(NamedTuple):
     """One data shard's routing (see the module docstring); fields a forward doesn't need are None."""
 
-    token_slots: jax.Array  # (T,) bank slot of every token, 0 for none
-    tile_slots: jax.Array  # (tiles,) bank slot each tile multiplies, 0 for an unused tile
-    tile_tokens: jax.Array  # (tiles·tile,) token at each tile position, T for an empty position
-    token_places: jax.Array  # (T,) tile position of each token, tiles·tile for a token without an adapter
+    token_slots: jax.Array | None = None  # (T,) bank slot of every token, 0 for none
+    tile_slots: jax.Array | None = None  # (tiles,) bank slot each tile multiplies, 0 for an unused tile
+    tile_tokens: jax.Array | None = None  # (tiles·tile,) token at each tile position, T for an empty position
+    token_places: jax.Array | None = None  # (T,) tile position of each token, tiles·tile for one without an adapter
     order: jax.Array | None = None  # (T,) tokens sorted by group (Pallas prefill)
     work: tuple[jax.Array, jax.Array, jax.Array] | None = None  # Pallas prefill (slot, start, end) per row tile
     cluster_order: jax.Array | None = None  # (T,) tokens sorted by cluster, tokens without one last
     cluster_sizes: jax.Array | None = None  # (clusters,) tokens per cluster
     token_sigma: jax.Array | None = None  # (T,) Σ id of every token, 0 for none
+    block_slots: jax.Array | None = None  # (blocks,) bank slot of each block of rows (route_blocks), else None
 
     @property
     def tile(self) -> int:
@@ -110,6 +115,15 @@ def route_shard(slots: jax.Array, seq: int, groups: jax.Array, *, kernels: bool,
         cluster_order, cluster_sizes = _cluster_order(token_clusters, num_clusters)
         routing = routing._replace(cluster_order=cluster_order, cluster_sizes=cluster_sizes, token_sigma=token_sigma)
     return routing
+
+
+def route_blocks(slots: jax.Array, row_block: int) -> Routing:
+    """One data shard's Routing for rows in aligned blocks of `row_block` rows that share a slot: each block's slot.
+
+    The shard's rows start at a multiple of its row count, so blocks of gcd(rows, row_block) rows share a slot too.
+    """
+    block = math.gcd(slots.shape[0], row_block)
+    return Routing(block_slots=slots[::block])
 
 
 def routing_specs(routing: Routing, row_spec: PartitionSpec) -> Routing:

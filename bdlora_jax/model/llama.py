@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec
 from ..adapters.bank import bank_key
 from ..adapters.linear import LinearSpecs, adapted_linear
 from ..adapters.operands import CompressedOperand, LoraOperand
-from ..adapters.routing import Routing, route_shard
+from ..adapters.routing import Routing, route_blocks, route_shard
 from ..config import LORA_MODULES, ModelConfig
 from ..sharding import CACHE_AXES, ShardingPlan, compressed_axes, factor_axes, weight_axes
 
@@ -36,6 +36,8 @@ class AdapterBatch(NamedTuple):
     and Σ id (Σ id 0 = no compressed adapter). groups: the distinct bank slots the batch uses, ascending, padded
     with 0; its length bounds the adapter groups of the forward's routing (None: every slot of the bank), so a
     caller that knows its batch uses few adapters gets one factor copy per adapter instead of one per token.
+    row_block: the caller's promise that rows come in aligned blocks of this many rows sharing one slot (training
+    batches); the xla adapter path then multiplies each block's contiguous tokens, without grouping them.
     """
 
     bank: Bank
@@ -46,6 +48,7 @@ class AdapterBatch(NamedTuple):
     clusters: jax.Array | None = None
     sigma_ids: jax.Array | None = None
     groups: jax.Array | None = None
+    row_block: int | None = None
 
 
 def slot_groups(slots, num_groups: int) -> np.ndarray:
@@ -59,9 +62,12 @@ def slot_groups(slots, num_groups: int) -> np.ndarray:
 
 def route(adapters: AdapterBatch, seq: int, plan: ShardingPlan, kernels: bool) -> Routing:
     """The forward's Routing, built once per data shard (a shard_map over the batch) and shared by every module."""
+    row = plan.spec(("batch",))
+    if adapters.row_block is not None and not kernels and adapters.compressed is None:
+        return jax.shard_map(lambda slots: route_blocks(slots, adapters.row_block), mesh=plan.mesh, in_specs=row,
+                             out_specs=row)(adapters.slots)
     first_a = next(iter(adapters.bank.values()))[0]
     groups = adapters.groups if adapters.groups is not None else jnp.arange(1, first_a.shape[0], dtype=jnp.int32)
-    row = plan.spec(("batch",))
     compressed = adapters.compressed is not None
     num_clusters = next(iter(adapters.compressed.values()))[0].shape[0] if compressed else 0
 

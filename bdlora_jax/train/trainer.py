@@ -110,11 +110,14 @@ class Trainer:
         self.state_shardings = jax.tree.map(lambda _: replicated, state)
         self.train_state = jax.device_put(state, self.state_shardings)
         self._step = jax.jit(self._train_step, donate_argnums=(0,), out_shardings=(self.state_shardings, replicated))
-        self._eval = jax.jit(self._loss_sums)
+        self._eval = jax.jit(lambda factors, batch, base: self._loss_sums(factors, batch, None, base,
+                                                                          row_block=batch.inputs.shape[0]))
 
-    def token_losses(self, factors, batch: Batch, dropout_key=None, base=None) -> jax.Array:
+    def token_losses(self, factors, batch: Batch, dropout_key=None, base=None, row_block: int | None = None
+                     ) -> jax.Array:
         """Each token's cross-entropy (rows, seq_len), weighted: 0 on padding and prompts. base: the frozen model's
-        state (default self.state; jitted steps pass it as an argument rather than embed it as a constant)."""
+        state (default self.state; jitted steps pass it as an argument rather than embed it as a constant).
+        row_block: rows come in aligned blocks of this many rows of one adapter (AdapterBatch.row_block)."""
         specs = bank_specs(self.layout, self.plan)
         bank = to_bank(factors, self.spec, self.layout)
         bank = {k: tuple(jax.lax.with_sharding_constraint(x, NamedSharding(self.plan.mesh, s))
@@ -122,29 +125,31 @@ class Trainer:
         start = jnp.zeros((batch.inputs.shape[0],), jnp.int32)
         rate = jnp.float32(self.cfg.dropout) if dropout_key is not None else None
         hidden, head = forward_hidden(self.graphdef, self.state if base is None else base, batch.inputs, start,
-                                      AdapterBatch(bank, batch.slots, dropout_key, rate), batch.segment_ids,
+                                      AdapterBatch(bank, batch.slots, dropout_key, rate, row_block=row_block),
+                                      batch.segment_ids,
                                       batch.positions)
         return token_cross_entropy(hidden, head, batch.targets, self.cfg.loss_chunk_tokens) * batch.weights
 
-    def _loss_sums(self, factors, batch: Batch, dropout_key=None, base=None):
+    def _loss_sums(self, factors, batch: Batch, dropout_key=None, base=None, row_block: int | None = None):
         """Each adapter's summed token loss and token count over the rows that use it, (K,) each."""
-        token_loss = self.token_losses(factors, batch, dropout_key, base)
+        token_loss = self.token_losses(factors, batch, dropout_key, base, row_block)
         k = len(self.names)
         sums = jax.ops.segment_sum(token_loss.sum(axis=1), batch.slots - 1, num_segments=k)
         counts = jax.ops.segment_sum(batch.weights.sum(axis=1), batch.slots - 1, num_segments=k)
         return sums, counts
 
-    def adapter_losses(self, factors, batch: Batch, dropout_key=None, base=None) -> tuple[jax.Array, jax.Array]:
+    def adapter_losses(self, factors, batch: Batch, dropout_key=None, base=None, row_block: int | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
         """(the loss trained on: the sum over adapters, each adapter's token-mean loss (K,))."""
-        sums, counts = self._loss_sums(factors, batch, dropout_key, base)
+        sums, counts = self._loss_sums(factors, batch, dropout_key, base, row_block)
         losses = sums / jnp.maximum(counts, 1.0)
         return losses.sum(), losses
 
     def _train_step(self, train_state: TrainState, base, step, batch: Batch):
         """One optimizer step of every adapter on `batch`; base is the frozen model's state."""
         dropout_key = jax.random.fold_in(jax.random.key(self.cfg.seed), step) if self.cfg.dropout > 0 else None
-        (_, losses), grads = jax.value_and_grad(self.adapter_losses, has_aux=True)(train_state.factors, batch,
-                                                                                   dropout_key, base)
+        (_, losses), grads = jax.value_and_grad(self.adapter_losses, has_aux=True)(
+            train_state.factors, batch, dropout_key, base, self.cfg.batch_size // len(self.names))
         updates, opt_state = self.optimizer.update(grads, train_state.opt_state, train_state.factors)
         return TrainState(optax.apply_updates(train_state.factors, updates), opt_state), losses
 
@@ -194,7 +199,7 @@ class Trainer:
                                      packed=False)
                 if filler:
                     batch = batch._replace(weights=batch.weights.at[len(chunk):].set(0.0))
-                sums, counts = self._eval(self.train_state.factors, batch, None, self.state)
+                sums, counts = self._eval(self.train_state.factors, batch, self.state)
                 loss_sum, token_count = loss_sum + float(sums[i]), token_count + float(counts[i])
             if token_count:
                 totals[name] = loss_sum / token_count
