@@ -71,17 +71,35 @@ def test_a_model_without_a_tokenizer_trains_and_exports_token_id_datasets(tmp_pa
     assert adapter.rank == 4 and any(np.abs(m.b).max() > 0 for m in adapter.modules.values())
 
 
-def test_packed_streams_fill_rows_next_fit_and_depend_only_on_the_step():
+def test_packed_streams_take_every_example_once_at_most_a_batch_late_and_depend_only_on_the_step():
     examples = _examples([5, 9, 3, 7, 4, 8, 6, 2, 5, 7])
     stream = PackedStream(examples, rows=2, seq_len=10, seed=3)
-    batches = [stream.batch(t) for t in range(6)]
-    flat = [e for batch in batches for row in batch for e in row]
-    order = np.random.default_rng((3, 0)).permutation(len(examples))
-    assert [id(e) for e in flat[:len(examples)]] == [id(examples[i]) for i in order]
-    for batch in batches:
-        assert len(batch) == 2 and all(sum(len(e.tokens) - 1 for e in row) <= 10 for row in batch)
+    batches = [stream.positions(t) for t in range(8)]
+    first_batch = {}
+    for t, batch in enumerate(batches):
+        assert len(batch) == 2
+        for row in batch:
+            assert sum(len(stream._example(p).tokens) - 1 for p in row) <= 10
+            for p in row:
+                assert p not in first_batch
+                first_batch[p] = t
+    taken = sorted(first_batch)
+    assert taken[:len(examples)] == list(range(len(examples)))  # no position skipped
+    for t in range(1, len(batches)):  # whatever a batch passed over is in the next one at the latest
+        front = max(p for batch in batches[:t] for row in batch for p in row)
+        assert all(first_batch.get(p, len(batches)) <= t for p in range(front))
+    epoch = np.random.default_rng((3, 0)).permutation(len(examples))
+    assert [id(e) for row in stream.batch(0) for e in row] == [id(examples[epoch[p]]) for row in batches[0] for p in row]
     fresh = PackedStream(examples, rows=2, seq_len=10, seed=3)
-    assert [id(e) for row in fresh.batch(4) for e in row] == [id(e) for row in batches[4] for e in row]
+    assert fresh.positions(5) == batches[5]
+
+
+def test_packing_fills_rows_best_fit_beyond_next_fit():
+    rng = np.random.default_rng(0)
+    examples = _examples(rng.integers(16, 257, size=400).tolist())
+    stream = PackedStream(examples, rows=8, seq_len=256, seed=0)
+    used = [sum(len(stream._example(p).tokens) - 1 for row in stream.positions(t) for p in row) for t in range(20)]
+    assert sum(used) / (20 * 8 * 256) > 0.88  # next-fit (one open row) fills about 0.75 of them
 
 
 def test_a_packed_row_holds_each_example_as_its_padded_row_does():

@@ -10,6 +10,8 @@ others, and a resumed run draws the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import itertools
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,15 +111,15 @@ def draw(examples: list[Example], step: int, per_batch: int, seed: int) -> list[
 
 
 class PackedStream:
-    """One adapter's examples in draw's order, packed next-fit into `rows` rows of seq_len input tokens a batch.
+    """One adapter's examples in draw's order, packed best-fit into `rows` rows of seq_len input tokens a batch.
 
-    An example fills len(tokens) - 1 input positions; one that does not fit its row starts the next, and one
-    that does not fit the batch's last row starts the next batch. Batch t's rows depend only on t, so a resumed
-    run packs as an uninterrupted one did."""
+    An example fills len(tokens) - 1 input positions and goes into the fullest row it fits. One that fits no row
+    waits for the next batch, where it is placed first; a batch ends when `rows` examples wait, so no example waits
+    more than one batch. Batch t's rows depend only on t, so a resumed run packs as an uninterrupted one did."""
 
     def __init__(self, examples: list[Example], rows: int, seq_len: int, seed: int):
         self.examples, self.rows, self.seq_len, self.seed = examples, rows, seq_len, seed
-        self._starts = [0]
+        self._starts: list[tuple[int, tuple[int, ...]]] = [(0, ())]
         self._orders: dict[int, np.ndarray] = {}
 
     def _example(self, position: int) -> Example:
@@ -126,26 +128,36 @@ class PackedStream:
             self._orders[epoch] = np.random.default_rng((self.seed, epoch)).permutation(len(self.examples))
         return self.examples[self._orders[epoch][index]]
 
-    def _pack(self, start: int) -> tuple[list[list[Example]], int]:
-        """The rows of the batch starting at stream position `start`, and where the next batch starts."""
-        rows, used, position = [[]], 0, start
-        while True:
-            example = self._example(position)
-            size = len(example.tokens) - 1
-            if used + size > self.seq_len:
-                if len(rows) == self.rows:
-                    return rows, position
-                rows.append([])
-                used = 0
-            rows[-1].append(example)
-            used += size
-            position += 1
+    def _pack(self, start: int, waiting: tuple[int, ...]) -> tuple[list[list[int]], tuple[int, tuple[int, ...]]]:
+        """The stream positions in each row of the batch that takes the `waiting` positions and then the stream
+        from `start`, and where the next batch starts (its stream position and waiting positions)."""
+        rows: list[list[int]] = [[] for _ in range(self.rows)]
+        free = [self.seq_len] * self.rows
+        deferred: list[int] = []
+        position = start
+        for candidate in itertools.chain(waiting, itertools.count(start)):
+            if len(deferred) == self.rows:
+                break
+            size = len(self._example(candidate).tokens) - 1
+            fitting = [i for i in range(self.rows) if free[i] >= size]
+            if fitting:
+                row = min(fitting, key=lambda i: free[i])
+                rows[row].append(candidate)
+                free[row] -= size
+            else:
+                deferred.append(candidate)
+            position = max(position, candidate + 1)
+        return rows, (position, tuple(deferred))
+
+    def positions(self, step: int) -> list[list[int]]:
+        """The stream positions of the examples in each row of batch `step`."""
+        while len(self._starts) <= step:
+            self._starts.append(self._pack(*self._starts[-1])[1])
+        return self._pack(*self._starts[step])[0]
 
     def batch(self, step: int) -> list[list[Example]]:
         """The examples of each of the `rows` rows of batch `step`."""
-        while len(self._starts) <= step:
-            self._starts.append(self._pack(self._starts[-1])[1])
-        return self._pack(self._starts[step])[0]
+        return [[self._example(p) for p in row] for row in self.positions(step)]
 
 
 def pack_batch(rows: list[list[Example]], seq_len: int, pad: int
