@@ -241,5 +241,24 @@ def test_unreachable_server_fails_every_request_quickly_with_the_reason(capsys):
     assert time.monotonic() - start < 10
     (result,) = report["runs"]
     assert (result["completed"], result["failed"]) == (0, 3)
-    assert "ConnectError" in result["errors"][0]["error"] and result["errors"][0]["count"] == 3
+    assert result["errors"][0]["error"].startswith(f"ConnectError on POST http://127.0.0.1:{port}/v1/completions")
+    assert result["errors"][0]["count"] == 3
     assert result["ttft_ms"]["mean"] is None
+    without_model = build_parser().parse_args(["load", "--base-url", f"http://127.0.0.1:{port}/v1"])
+    with pytest.raises(SystemExit, match=f"GET http://127.0.0.1:{port}/v1/models gave no model id"):
+        run_load_command(without_model)
+
+
+def test_a_silent_server_is_bounded_by_timeout_and_max_duration():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        for bound, error in [(["--timeout", "0.5"], "timed out after 0.5 s (--timeout)"),
+                             (["--timeout", "60", "--max-duration", "0.5"], "stopped at --max-duration 0.5 s")]:
+            start = time.monotonic()
+            report = run_load_command(build_parser().parse_args(
+                ["load", "--base-url", url, "--num-prompts", "3", "--model", "demo", *bound]))
+            assert time.monotonic() - start < 5
+            (result,) = report["runs"]
+            assert (result["completed"], result["failed"], result["errors"]) == (0, 3, [{"error": error, "count": 3}])

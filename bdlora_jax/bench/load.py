@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def workload(args: argparse.Namespace) -> tuple[list, list[str]]:
 
 def run(args: argparse.Namespace) -> dict:
     """Send the workload at each rate and summarize each run; writes --save-json and --plot when asked."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request
     if args.plot is not None and not args.sweep_rates:
         raise SystemExit("--plot needs --sweep-rates")
     if args.max_concurrency is not None and args.max_concurrency < 1:

@@ -94,7 +94,7 @@ async def send_request(client: httpx.AsyncClient, base_url: str, item: WorkItem,
     except asyncio.TimeoutError:
         record.error = f"timed out after {timeout:g} s (--timeout)"
     except (httpx.HTTPError, OSError, json.JSONDecodeError) as e:
-        record.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        record.error = f"{type(e).__name__} on POST {url}" + (f": {e}" if str(e) else "")
     if record.error is not None:
         record.ttft, record.itl, record.e2el, record.output_tokens = None, [], None, 0
     return record
