@@ -6,6 +6,7 @@ histograms with one observation per finished request."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -22,8 +23,9 @@ from bdlora_jax import Engine
 from bdlora_jax.bench.cli import build_parser
 from bdlora_jax.bench.cli import main as bench_main
 from bdlora_jax.bench.load import run as run_load_command
+from bdlora_jax.bench.load_client import send_request
 from bdlora_jax.bench.load_metrics import RequestRecord, distribution_ms, parse_goodput, summarize
-from bdlora_jax.bench.load_workload import arrival_offsets, assign_adapters, read_dataset, sample_lengths
+from bdlora_jax.bench.load_workload import WorkItem, arrival_offsets, assign_adapters, read_dataset, sample_lengths
 from bdlora_jax.demo import demo_adapters
 
 pytestmark = pytest.mark.xdist_group("bench_load")  # one worker builds the module's served engine once
@@ -144,6 +146,56 @@ def test_goodput_specs_are_checked():
     for bad in ("ttft", "itl:5", "tpot:x", "e2el:0"):
         with pytest.raises(ValueError, match=f"--goodput '{bad}'"):
             parse_goodput([bad])
+
+
+# ------------------------------------------------------------------------------------------ the stream
+
+
+def sse(*events) -> bytes:
+    return "".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events).encode()
+
+
+def chunk(text: str) -> dict:
+    return {"choices": [{"index": 0, "text": text, "finish_reason": None}]}
+
+
+def send_to(status: int, content: bytes, ignore_eos: bool = True) -> tuple[RequestRecord, list[dict]]:
+    """send_request against a fake server answering every POST with status and content; (record, bodies sent)."""
+    sent = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(status, content=content)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            return await send_request(client, "http://fake/v1/", WorkItem([1, 2, 3], 4), "a", ignore_eos, 5.0)
+
+    return asyncio.run(go()), sent
+
+
+def test_stream_parsing_counts_tokens_times_chunks_and_reports_errors():
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+    record, sent = send_to(200, sse(chunk("a"), chunk(""), chunk("bc"), chunk("d"), usage, "[DONE]"))
+    assert sent == [{"model": "a", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0.0, "stream": True,
+                     "stream_options": {"include_usage": True}, "ignore_eos": True, "min_tokens": 4}]
+    assert record.success and (record.output_tokens, record.prompt_tokens, len(record.itl)) == (4, 3, 2)
+    assert 0 < record.ttft <= record.e2el
+    record, sent = send_to(200, sse(chunk("a"), chunk("b"), "[DONE]"), ignore_eos=False)
+    assert "ignore_eos" not in sent[0] and "min_tokens" not in sent[0]
+    assert record.success and record.output_tokens == 2  # no usage chunk: the chunks carrying text
+    failures = {
+        "HTTP 400: max_tokens too large": (400, json.dumps({"error": {"message": "max_tokens too large"}}).encode()),
+        "HTTP 503: overloaded": (503, b"overloaded"),
+        "error event: the adapter failed": (200, sse(chunk("a"), {"error": {"message": "the adapter failed"}})),
+        "the stream ended without [DONE]": (200, sse(chunk("a"))),
+        "the stream carried no choices": (200, sse("[DONE]")),
+    }
+    for error, (status, content) in failures.items():
+        record, _ = send_to(status, content)
+        assert (record.error, record.ttft, record.e2el, record.output_tokens) == (error, None, None, 0)
+    record, _ = send_to(200, sse("{not json", "[DONE]"))
+    assert record.error.startswith("JSONDecodeError on POST http://fake/v1/completions")
 
 
 # -------------------------------------------------------------------------------------- against a server

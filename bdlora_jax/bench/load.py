@@ -156,6 +156,7 @@ def reported_rate(rate: float) -> float | str:
 
 
 def _ms(value: float | None) -> str:
+    """Milliseconds with two decimals, or "-" where there were no samples."""
     return f"{value:.2f}" if value is not None else "-"
 
 

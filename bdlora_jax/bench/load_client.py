@@ -93,7 +93,7 @@ async def send_request(client: httpx.AsyncClient, base_url: str, item: WorkItem,
                                timeout)
     except asyncio.TimeoutError:
         record.error = f"timed out after {timeout:g} s (--timeout)"
-    except (httpx.HTTPError, OSError, json.JSONDecodeError) as e:
+    except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # incl. malformed events
         record.error = f"{type(e).__name__} on POST {url}" + (f": {e}" if str(e) else "")
     if record.error is not None:
         record.ttft, record.itl, record.e2el, record.output_tokens = None, [], None, 0

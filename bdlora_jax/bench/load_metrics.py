@@ -25,6 +25,7 @@ class RequestRecord:
 
     @property
     def success(self) -> bool:
+        """Whether the request completed (no error)."""
         return self.error is None
 
     @property
@@ -35,6 +36,7 @@ class RequestRecord:
         return (self.e2el - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
 
     def to_json(self) -> dict:
+        """The record as saved by --save-json, with its TPOT and success."""
         return {**asdict(self), "tpot": self.tpot, "success": self.success}
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 def plot_sweep(runs: list[dict], path: Path) -> None:
     """Two panels (p99 TTFT, p99 TPOT, in ms) over the swept request rates (each run's "request_rate", a number
-    or "inf"); an infinite rate is drawn at the measured request throughput of its run. Uses matplotlib's Agg backend (no display needed)."""
+    or "inf"); an infinite rate is drawn at the measured request throughput of its run. Uses matplotlib's Agg
+    backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
