@@ -13,6 +13,11 @@ DEFAULTS = {
              "batch": 16, "seq_len": 2048, "max_loras": 8},
     "serve": {"model": SMALL_32K, "mesh": "1x1", "strategy": "bdlora", "dtype": "float32", "json": False, "batch": 32,
               "prompt_len": 32, "new_tokens": 64, "rank": 16, "adapters": "8,32", "repeats": 3},
+    "load": {"json": False, "base_url": "http://127.0.0.1:8000/v1", "model": None, "num_prompts": 100,
+             "request_rate": float("inf"), "burstiness": 1.0, "max_concurrency": None, "seed": 0, "input_len": 32,
+             "output_len": 32, "range_ratio": 0.0, "vocab_size": 256, "dataset": None, "ignore_eos": True,
+             "lora_modules": None, "lora_assignment": "random", "zipf_alpha": 1.0, "timeout": 300.0,
+             "max_duration": None, "goodput": None, "sweep_rates": None, "plot": None, "save_json": None},
     "step": {"model": SMALL_32K, "mesh": "1x1", "strategy": "bdlora", "dtype": "float32", "json": False, "batch": 32,
              "rank": 16, "adapters": "1,8,32", "context": 128, "repeats": 30, "lora_impl": "auto"},
     "demo-accuracy": {"model": "demo", "mesh": "1x1", "strategy": "bdlora", "json": False, "adapters_dir": None,
@@ -36,7 +41,7 @@ DEFAULTS = {
 
 def test_every_subcommand_module_has_the_interface():
     names = [module.NAME for module in SUBCOMMANDS]
-    assert names == ["comm", "serve", "step", "demo-accuracy", "kernel", "lower", "ablate", "compress", "cost",
+    assert names == ["comm", "serve", "load", "step", "demo-accuracy", "kernel", "lower", "ablate", "compress", "cost",
                      "train"]
     for module in SUBCOMMANDS:
         assert isinstance(module.HELP, str) and module.__doc__

@@ -36,7 +36,8 @@ DEMO = sorted(demo_adapters())
 METRIC_NAMES = (
     "bdlora_requests_running", "bdlora_requests_waiting", "bdlora_requests_finished", "bdlora_generated_tokens",
     "bdlora_tokens_per_second", "bdlora_adapter_loads", "bdlora_adapter_evictions", "bdlora_adapters_registered",
-    "bdlora_compilations", "bdlora_compilations_after_warmup",
+    "bdlora_compilations", "bdlora_compilations_after_warmup", "bdlora_time_to_first_token_seconds",
+    "bdlora_time_per_output_token_seconds", "bdlora_e2e_request_latency_seconds",
 )
 
 
@@ -627,6 +628,9 @@ def test_metrics(app, scheduler):
     assert after["bdlora_generated_tokens_total"] - before["bdlora_generated_tokens_total"] == 7
     key = 'bdlora_requests_finished_total{reason="length"}'
     assert after[key] - before.get(key, 0) == 1
+    for histogram in METRIC_NAMES[-3:]:  # the latency histograms observed the request once each
+        assert after[f"{histogram}_count"] - before[f"{histogram}_count"] == 1
+        assert after[f"{histogram}_sum"] > before[f"{histogram}_sum"]
     assert after["bdlora_compilations"] >= after["bdlora_compilations_after_warmup"] >= 0
     assert after["bdlora_adapter_loads"] >= 1
 

@@ -7,7 +7,7 @@ import argparse
 import logging
 
 from ..mesh import emulate_host_devices
-from . import ablate, comm, compress, cost, demo_accuracy, kernel, lower, serve, step, train
+from . import ablate, comm, compress, cost, demo_accuracy, kernel, load, lower, serve, step, train
 from .common import emit_report
 
 DESCRIPTION = ("Measurements printed side by side (one JSON object with --json). `SUBCOMMAND --help` describes "
@@ -16,7 +16,7 @@ DESCRIPTION = ("Measurements printed side by side (one JSON object with --json).
 # Every subcommand, in the order `--help` lists them. A subcommand is one module of this package with NAME,
 # HELP, OPTIONS (its shared options: common.shared_options), add_arguments(parser), run(args) -> dict and
 # print_report(report); adding one is writing that module and listing it here.
-SUBCOMMANDS = (comm, serve, step, demo_accuracy, kernel, lower, ablate, compress, cost, train)
+SUBCOMMANDS = (comm, serve, load, step, demo_accuracy, kernel, lower, ablate, compress, cost, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

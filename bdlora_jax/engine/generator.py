@@ -107,6 +107,8 @@ class Request:
     stop_search: TextStream | None = None  # finds its stop strings in its text, a few new characters per token
     cancelled: bool = False
     id: int = field(default_factory=lambda: next(_ids))
+    arrival_time: float | None = None  # time.monotonic() when the scheduler took it (the latency histograms' start)
+    first_token_time: float | None = None  # time.monotonic() of the step that produced its first token
 
 
 @dataclass

@@ -6,9 +6,16 @@ import threading
 import time
 
 import jax
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# Histogram buckets (seconds) of the request latencies, as vLLM's /metrics has them.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0, 160.0, 640.0, 2560.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+               960.0, 1920.0, 7680.0)
 
 
 class CompileCounter:
@@ -55,6 +62,15 @@ class ServingMetrics:
         self.compilations = Gauge("bdlora_compilations", "XLA compilations in this process", registry=r)
         self.compilations_after_warmup = Gauge("bdlora_compilations_after_warmup",
                                                "XLA compilations since warm-up finished", registry=r)
+        self.time_to_first_token = Histogram("bdlora_time_to_first_token_seconds",
+                                             "From a request's arrival at the scheduler to its first token",
+                                             buckets=TTFT_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram("bdlora_time_per_output_token_seconds",
+                                               "A finished request's mean time per output token after its first",
+                                               buckets=TPOT_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram("bdlora_e2e_request_latency_seconds",
+                                             "From a request's arrival at the scheduler to its finish",
+                                             buckets=E2E_BUCKETS, registry=r)
         self._warm_count: int | None = None
         self._window: list[tuple[float, int]] = []
 
@@ -68,6 +84,22 @@ class ServingMetrics:
         self._window = [(t, k) for t, k in self._window if now - t < 10.0] + [(now, n)]
         span = now - self._window[0][0]
         self.tokens_per_second.set(sum(k for _, k in self._window) / span if span > 0 else 0.0)
+
+    def first_token(self, request, now: float) -> None:
+        """Note the time of a request's first token and observe its time to first token."""
+        request.first_token_time = now
+        if request.arrival_time is not None:
+            self.time_to_first_token.observe(now - request.arrival_time)
+
+    def request_finished(self, request, now: float) -> None:
+        """Count a finished request by its reason and observe its end-to-end latency and, when it generated more
+        than one token, its time per output token."""
+        self.finished.labels(request.finish_reason).inc()
+        if request.arrival_time is None:
+            return
+        self.e2e_request_latency.observe(now - request.arrival_time)
+        if request.first_token_time is not None and len(request.output) > 1:
+            self.time_per_output_token.observe((now - request.first_token_time) / (len(request.output) - 1))
 
     def render(self, pool, running: int, waiting: int) -> bytes:
         self.running.set(running)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -45,7 +46,9 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def submit(self, request: Request) -> None:
-        """Queue a request; its on_token listener will be called from the scheduler thread."""
+        """Queue a request (its arrival time noted for the latency metrics); its on_token listener will be called
+        from the scheduler thread."""
+        request.arrival_time = time.monotonic()
         self._inbox.put(request)
         self._wake.set()
 
@@ -105,11 +108,20 @@ class Scheduler:
                 log.exception("generation step failed; failing the requests in flight")
                 finished = self._fail_in_flight()
             self.metrics.record_tokens(self.generator.generated_tokens - before)
+            self._note_first_tokens(finished)
             self._finish(finished)
 
+    def _note_first_tokens(self, finished: list[Request]) -> None:
+        """Time the first token of every request whose first token this step produced."""
+        now = time.monotonic()
+        for request in [*self.generator.running.values(), *finished]:
+            if request.first_token_time is None and request.output:
+                self.metrics.first_token(request, now)
+
     def _finish(self, finished: list[Request]) -> None:
+        now = time.monotonic()
         for request in finished:
-            self.metrics.finished.labels(request.finish_reason).inc()
+            self.metrics.request_finished(request, now)
             if request.finish_reason in ("abort", "error") and request.on_token is not None:
                 request.on_token(request, None)
 
