@@ -11,7 +11,6 @@ others, and a resumed run draws the batches an uninterrupted one would.
 from __future__ import annotations
 
 import itertools
-
 import json
 from dataclasses import dataclass
 from pathlib import Path
