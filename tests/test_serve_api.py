@@ -619,17 +619,18 @@ def test_seeded_sampling_is_reproducible(app):
 
 def test_metrics(app, scheduler):
     before = settled_metrics(app, scheduler)
-    for name in METRIC_NAMES:
-        assert any(key == name or key.startswith((name + "_", name + "{")) for key in before), name
     assert before["bdlora_requests_running"] == 0 and before["bdlora_requests_waiting"] == 0
     assert before["bdlora_adapters_registered"] == len(model_ids(app)) - 1
     greedy(app, SERVED, "Count these", max_tokens=7, ignore_eos=True)
+    greedy(app, DEMO[0], "Count these", max_tokens=7, ignore_eos=True)
     after = settled_metrics(app, scheduler)
-    assert after["bdlora_generated_tokens_total"] - before["bdlora_generated_tokens_total"] == 7
+    for name in METRIC_NAMES:
+        assert any(key == name or key.startswith((name + "_", name + "{")) for key in after), name
+    assert after["bdlora_generated_tokens_total"] - before["bdlora_generated_tokens_total"] == 14
     key = 'bdlora_requests_finished_total{reason="length"}'
-    assert after[key] - before.get(key, 0) == 1
-    for histogram in METRIC_NAMES[-3:]:  # the latency histograms observed the request once each
-        assert after[f"{histogram}_count"] - before[f"{histogram}_count"] == 1
+    assert after[key] - before.get(key, 0) == 2
+    for histogram in METRIC_NAMES[-3:]:  # the latency histograms observed each request once
+        assert after[f"{histogram}_count"] - before[f"{histogram}_count"] == 2
         assert after[f"{histogram}_sum"] > before[f"{histogram}_sum"]
     assert after["bdlora_compilations"] >= after["bdlora_compilations_after_warmup"] >= 0
     assert after["bdlora_adapter_loads"] >= 1
