@@ -82,6 +82,15 @@ def _grouped(x, w, slots, a, b, specs, a_spec, b_spec, bank, plan, groups):
     return adapted_linear(x, w, specs, [LoraOperand(a, b, a_spec, b_spec)], routing)
 
 
+def _module_operands(plan, bank, module):
+    """(LinearSpecs, A spec, B spec, A, B) of one module of layer 0 under the plan."""
+    w_axes = weight_axes(module)
+    specs = LinearSpecs(plan.mesh, plan.spec(("batch", "seq", w_axes[0])), plan.spec(w_axes),
+                        plan.spec(("batch", "seq", w_axes[1])), plan.spec(("batch",)))
+    a_spec, b_spec = (plan.spec(axes) for axes in factor_axes(module, plan.block_factors))
+    return (specs, a_spec, b_spec, *bank[bank_key(0, module)])
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("mesh", MESHES)
 def test_grouped_math_equals_per_row_math(mesh, strategy):
@@ -92,11 +101,7 @@ def test_grouped_math_equals_per_row_math(mesh, strategy):
     for seq, groups in ((1, jnp.asarray(slot_groups(SLOTS, 4))), (5, None)):  # host-known groups; every slot
         for module in MODULES:
             d_in, d_out = ONE_LAYER_CONFIG.module_dims(module)
-            w_axes = weight_axes(module)
-            specs = LinearSpecs(plan.mesh, plan.spec(("batch", "seq", w_axes[0])), plan.spec(w_axes),
-                                plan.spec(("batch", "seq", w_axes[1])), plan.spec(("batch",)))
-            a_spec, b_spec = (plan.spec(axes) for axes in factor_axes(module, plan.block_factors))
-            a, b = bank[bank_key(0, module)]
+            specs, a_spec, b_spec, a, b = _module_operands(plan, bank, module)
             x = jnp.asarray(rng.normal(size=(len(SLOTS), seq, d_in)), jnp.float32)
             w = jnp.asarray(rng.normal(size=(d_in, d_out)) * d_in ** -0.5, jnp.float32)
             want = jax.jit(partial(_per_row, specs=specs, a_spec=a_spec, b_spec=b_spec))(x, w, slots, a, b)
@@ -135,11 +140,7 @@ def test_block_math_and_its_gradients_equal_per_row_math(mesh, strategy):
     rng = np.random.default_rng(1)
     for module in MODULES[:3]:  # a column, a kv column and a row module (down_proj's layout is o_proj's)
         d_in, d_out = ONE_LAYER_CONFIG.module_dims(module)
-        w_axes = weight_axes(module)
-        specs = LinearSpecs(plan.mesh, plan.spec(("batch", "seq", w_axes[0])), plan.spec(w_axes),
-                            plan.spec(("batch", "seq", w_axes[1])), plan.spec(("batch",)))
-        a_spec, b_spec = (plan.spec(axes) for axes in factor_axes(module, plan.block_factors))
-        a, b = bank[bank_key(0, module)]
+        specs, a_spec, b_spec, a, b = _module_operands(plan, bank, module)
         x = jnp.asarray(rng.normal(size=(len(BLOCK_SLOTS), 3, d_in)), jnp.float32)
         w = jnp.asarray(rng.normal(size=(d_in, d_out)) * d_in ** -0.5, jnp.float32)
         cotangent = jnp.asarray(rng.normal(size=(len(BLOCK_SLOTS), 3, d_out)), jnp.float32)

@@ -83,10 +83,12 @@ def _group_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _group_matmul_fwd(x, w):
+    """The forward pass, keeping both operands for the backward."""
     return _group_matmul(x, w), (x, w)
 
 
 def _group_matmul_bwd(residuals, dy):
+    """(dx, dw): dw as (narrow operand)ᵀ · (wide operand), transposed afterwards when x is the wide one."""
     x, w = residuals
     dx = jnp.einsum("gtn,gkn->gtk", dy, w, preferred_element_type=jnp.float32).astype(x.dtype)
     if x.shape[-1] <= dy.shape[-1]:
@@ -103,6 +105,7 @@ def _group_product(x: jax.Array, w: jax.Array) -> jax.Array:
     """_group_matmul of operands made to vary over the same mesh axes (under shard_map), as autodiff's own dot
     would: the cotangent of an operand that varies over fewer axes is then summed over the others."""
     def varying(v):
+        """The mesh axes v varies over under shard_map (none outside one)."""
         return jax.typeof(v).manual_axis_type.varying
 
     axes = varying(x) | varying(w)
