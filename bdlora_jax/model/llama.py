@@ -26,8 +26,8 @@ from ..config import LORA_MODULES, ModelConfig
 from ..sharding import CACHE_AXES, ShardingPlan, compressed_axes, factor_axes, weight_axes
 
 Bank = dict[str, tuple[jax.Array, jax.Array]]
-QUERY_BLOCK = 64  # queries per block of attention without a cache (measured fastest on CPU at 128 and 256 tokens)
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+QUERY_BLOCK = 64  # queries per block of attention without a cache (measured fastest on CPU at 128 and 256 tokens)
 
 
 class AdapterBatch(NamedTuple):

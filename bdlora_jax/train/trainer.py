@@ -96,7 +96,7 @@ class Trainer:
                                      else init_model(self.model_config, self.plan, dtype, cfg.seed))
         self.train_sets, self.eval_sets, self.streams = {}, {}, {}
         eos = self.model_config.eos_token_ids[0] if self.model_config.eos_token_ids else None
-        per = cfg.batch_size // len(self.names)
+        self.rows_per_adapter = per = cfg.batch_size // len(self.names)  # each adapter's rows lie together
         for i, (name, data) in enumerate(cfg.adapters.items()):
             examples = read_jsonl(data, self.tokenizer, self.model_config.bos_token_id, eos, cfg.seq_len + 1,
                                   self.model_config.vocab_size)
@@ -149,7 +149,7 @@ class Trainer:
         """One optimizer step of every adapter on `batch`; base is the frozen model's state."""
         dropout_key = jax.random.fold_in(jax.random.key(self.cfg.seed), step) if self.cfg.dropout > 0 else None
         (_, losses), grads = jax.value_and_grad(self.adapter_losses, has_aux=True)(
-            train_state.factors, batch, dropout_key, base, self.cfg.batch_size // len(self.names))
+            train_state.factors, batch, dropout_key, base, self.rows_per_adapter)
         updates, opt_state = self.optimizer.update(grads, train_state.opt_state, train_state.factors)
         return TrainState(optax.apply_updates(train_state.factors, updates), opt_state), losses
 
@@ -171,7 +171,7 @@ class Trainer:
 
     def rows(self, step: int) -> tuple[list[list[Example]], list[int]]:
         """Batch `step`'s rows, per_adapter of every adapter (each the examples it holds), and each row's slot."""
-        per = self.cfg.batch_size // len(self.names)
+        per = self.rows_per_adapter
         rows, slots = [], []
         for i, name in enumerate(self.names):
             if self.cfg.packing:
