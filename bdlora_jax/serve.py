@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import DTYPES, STRATEGIES
+from .host_memory import keep_freed_memory
 from .mesh import emulate_host_devices
 
 log = logging.getLogger("bdlora_jax.serve")
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < seconds < float("inf"):
             raise SystemExit(f"{flag} {seconds}: expected a positive number of seconds")
     emulate_host_devices(args.mesh)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import uvicorn
 

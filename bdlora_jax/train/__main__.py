@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from ..host_memory import keep_freed_memory
 from ..mesh import emulate_host_devices
 
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     emulate_host_devices(cfg.mesh)
+    keep_freed_memory()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from .trainer import Trainer
 
