@@ -55,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Start the engine and scheduler as the flags say, warm up, and serve until SIGTERM/SIGINT has drained it."""
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     for flag, seconds in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
         if not 0 < seconds < float("inf"):
             raise SystemExit(f"{flag} {seconds}: expected a positive number of seconds")
     emulate_host_devices(args.mesh)
-    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import uvicorn
 

@@ -45,3 +45,29 @@ def test_freed_buffers_are_reused_and_the_opt_out_returns_them():
     assert kept and faults < 100, faults
     returned, faults = faults_of_second_round({**env, "BDLORA_RETURN_FREED_MEMORY": "1"})
     assert not returned and faults >= 16384, faults
+
+
+# Runs an entry point with --help, recording whether numpy or jax (whose threads take malloc arenas of their own)
+# were imported when it asked to keep freed memory.
+ENTRY_POINT = """
+import runpy, sys
+import bdlora_jax.host_memory as host_memory
+calls = []
+keep = host_memory.keep_freed_memory
+def recording_keep():
+    calls.append(sorted(m for m in ("numpy", "jax") if m in sys.modules))
+    return keep()
+host_memory.keep_freed_memory = recording_keep
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(calls, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("module", ["bdlora_jax.bench", "bdlora_jax.train", "bdlora_jax.serve"])
+def test_entry_points_keep_freed_memory_before_numpy_or_jax_start_threads(module):
+    done = subprocess.run([sys.executable, "-c", ENTRY_POINT, module], capture_output=True, text=True, check=True)
+    assert done.stderr.strip().splitlines()[-1] == "[[]]", done.stderr

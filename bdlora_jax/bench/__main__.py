@@ -2,6 +2,10 @@
 
 import sys
 
+from ..host_memory import keep_freed_memory
+
+keep_freed_memory()  # before the subcommands import numpy, whose threads would take malloc arenas of their own
+
 from .cli import main
 
 sys.exit(main())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..host_memory import keep_freed_memory
 from ..mesh import emulate_host_devices
 from . import ablate, comm, compress, cost, demo_accuracy, kernel, load, lower, serve, step, train
 from .common import emit_report
@@ -35,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the subcommand and print its report; returns the exit status."""
     args = build_parser().parse_args(argv)
     emulate_host_devices(getattr(args, "mesh", "1x1"))
-    keep_freed_memory()
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, format="%(message)s")
     module = {m.NAME: m for m in SUBCOMMANDS}[args.command]
     emit_report(module.run(args), args.json, module.print_report)

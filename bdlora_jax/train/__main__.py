@@ -48,13 +48,13 @@ def load_config(path: Path | None, overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m bdlora_jax.train", description=__doc__)
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="field=value, e.g. rank=16 mesh=1x8 adapters.upper=data.jsonl")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     emulate_host_devices(cfg.mesh)
-    keep_freed_memory()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from .trainer import Trainer
 
