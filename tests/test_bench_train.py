@@ -14,6 +14,8 @@ def test_bench_train_reports_tokens_memory_and_one_compilation(capsys):
           "--json"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["real_tokens_per_s"] > 0 and 0 < report["row_fill"] <= 1
+    assert len(report["step_seconds"]) == 2
+    assert sum(report["step_seconds"]) == pytest.approx(2 * report["seconds_per_step"])
     assert report["peak_bytes"] >= report["temp_bytes"] > 0
     assert (report["step_compilations"], report["compilations_in_timed_steps"]) == (1, 0)
 

@@ -5,7 +5,8 @@ lengths drawn uniformly from a range), written to a temporary directory; the mod
 of B rows (B/K per adapter; padded, or packed with --packing) train rank-r LoRA adapters. Reported: real tokens/s
 (the tokens predicted: n - 1 of an n-token example, padding not counted) over the timed steps after warm-up, the
 step's peak memory from its compiled memory analysis (arguments + outputs + temporaries - donated aliases), and
-how many times the step compiled. --steps 0 only compiles the step and reports its memory.
+how many times the step compiled, and each timed step's seconds (a step far slower than the others, such as one
+that grew the host heap, shows there). --steps 0 only compiles the step and reports its memory.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
         trainer = Trainer(cfg)
         memory = peak_bytes(trainer._step.lower(trainer.train_state, trainer.state, jnp.int32(0),
                                                 trainer.batch(0)).compile())
-        seconds, tokens, rows_tokens, compiles_timed, losses = 0.0, 0, 0, 0, None
+        step_seconds, tokens, rows_tokens, compiles_timed, losses = [], 0, 0, 0, None
         for step in range(args.warmup + args.steps if args.steps else 0):
             timed = step >= args.warmup
             before = CompileCounter.count()
@@ -108,14 +109,15 @@ def run(args: argparse.Namespace) -> dict:
             rows, _ = trainer.rows(step)
             losses = jax.block_until_ready(trainer.step(step, trainer.batch(step)))
             if timed:
-                seconds += time.perf_counter() - started
+                step_seconds.append(time.perf_counter() - started)
                 tokens += sum(len(e.tokens) - 1 for row in rows for e in row)
                 rows_tokens += args.batch * args.seq_len
                 compiles_timed += CompileCounter.count() - before
+    seconds = sum(step_seconds)
     return {"model": config.name, "mesh": args.mesh, "strategy": args.strategy, "adapters": args.adapters,
             "batch": args.batch, "seq_len": args.seq_len, "lengths": args.lengths, "packing": args.packing,
             "loss_chunk": args.loss_chunk, "rank": args.rank, "timed_steps": args.steps,
-            "seconds_per_step": seconds / args.steps if args.steps else None,
+            "seconds_per_step": seconds / args.steps if args.steps else None, "step_seconds": step_seconds,
             "real_tokens_per_s": tokens / seconds if seconds else None,
             "row_fill": tokens / rows_tokens if rows_tokens else None,
             "step_compilations": trainer._step._cache_size(), "compilations_in_timed_steps": compiles_timed,
@@ -130,6 +132,7 @@ def print_report(report: dict) -> None:
     if report["real_tokens_per_s"] is not None:
         print(f"  real tokens/s        {report['real_tokens_per_s']:10.1f}   ({report['seconds_per_step']:.3f} s a "
               f"step over {report['timed_steps']} steps, rows {100 * report['row_fill']:.0f}% real tokens)")
+        print("  each timed step      " + " ".join(f"{s:.3f}" for s in report["step_seconds"]) + " s")
     print(f"  step peak memory     {report['peak_bytes'] / 2**20:10.1f} MiB (temporaries "
           f"{report['temp_bytes'] / 2**20:.1f} MiB)")
     print(f"  step compilations    {report['step_compilations']:10d}   ({report['compilations_in_timed_steps']} "
