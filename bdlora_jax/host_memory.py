@@ -34,7 +34,7 @@ def keep_freed_memory() -> bool:
     if libc_name is None:
         return False
     libc = ctypes.CDLL(libc_name)
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl, macOS): its malloc takes no such options
         return False
     done = all(libc.mallopt(option, value) == 1
                for option, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM)))
