@@ -9,7 +9,7 @@ from helpers import FIXTURES
 
 from bdlora_jax.adapters.peft_io import read_adapter
 from bdlora_jax.train.config import TrainConfig
-from bdlora_jax.train.data import Example, PackedStream, pack_batch, pad_batch, read_jsonl
+from bdlora_jax.train.data import Example, PackedStream, best_fit_decreasing, pack_batch, pad_batch, read_jsonl
 from bdlora_jax.train.trainer import Trainer
 
 
@@ -71,35 +71,34 @@ def test_a_model_without_a_tokenizer_trains_and_exports_token_id_datasets(tmp_pa
     assert adapter.rank == 4 and any(np.abs(m.b).max() > 0 for m in adapter.modules.values())
 
 
-def test_packed_streams_take_every_example_once_at_most_a_batch_late_and_depend_only_on_the_step():
+def test_packed_streams_take_every_example_once_an_epoch_and_depend_only_on_the_step():
     examples = _examples([5, 9, 3, 7, 4, 8, 6, 2, 5, 7])
     stream = PackedStream(examples, rows=2, seq_len=10, seed=3)
-    batches = [stream.positions(t) for t in range(8)]
-    first_batch = {}
-    for t, batch in enumerate(batches):
-        assert len(batch) == 2
-        for row in batch:
-            assert sum(len(stream._example(p).tokens) - 1 for p in row) <= 10
-            for p in row:
-                assert p not in first_batch
-                first_batch[p] = t
-    taken = sorted(first_batch)
-    assert taken[:len(examples)] == list(range(len(examples)))  # no position skipped
-    for t in range(1, len(batches)):  # whatever a batch passed over is in the next one at the latest
-        front = max(p for batch in batches[:t] for row in batch for p in row)
-        assert all(first_batch.get(p, len(batches)) <= t for p in range(front))
-    epoch = np.random.default_rng((3, 0)).permutation(len(examples))
-    assert [id(e) for row in stream.batch(0) for e in row] == [id(examples[epoch[p]]) for row in batches[0] for p in row]
+    per_epoch = stream.rows_per_epoch
+    assert per_epoch == 5  # 46 input positions in rows of 10
+    rows = [row for t in range(per_epoch) for row in stream.positions(t)]  # two epochs; batches straddle them
+    for row in rows:
+        assert sum(len(stream._example(p).tokens) - 1 for p in row) <= 10
+    for epoch in range(2):
+        taken = sorted(p for row in rows[epoch * per_epoch:(epoch + 1) * per_epoch] for p in row)
+        assert taken == list(range(epoch * len(examples), (epoch + 1) * len(examples)))
+    order = np.random.default_rng((3, 0)).permutation(len(examples))
+    assert [id(e) for row in stream.batch(0) for e in row] == [id(examples[order[p]]) for row in rows[:2] for p in row]
     fresh = PackedStream(examples, rows=2, seq_len=10, seed=3)
-    assert fresh.positions(5) == batches[5]
+    assert fresh.positions(4) == stream.positions(4)  # resumed: the same rows without packing what came before
 
 
-def test_packing_fills_rows_best_fit_beyond_next_fit():
+def test_best_fit_decreasing_puts_each_size_where_it_leaves_the_least_room():
+    assert best_fit_decreasing([2, 6, 3, 5, 4], 10) == [[1, 4], [3, 2, 0]]
+    assert best_fit_decreasing([10, 10], 10) == [[0], [1]]
+
+
+def test_packing_fills_rows_of_mixed_lengths_almost_completely():
     rng = np.random.default_rng(0)
     examples = _examples(rng.integers(16, 257, size=400).tolist())
     stream = PackedStream(examples, rows=8, seq_len=256, seed=0)
-    used = [sum(len(stream._example(p).tokens) - 1 for row in stream.positions(t) for p in row) for t in range(20)]
-    assert sum(used) / (20 * 8 * 256) > 0.88  # next-fit (one open row) fills about 0.75 of them
+    used = sum(len(e.tokens) - 1 for e in examples)
+    assert used / (stream.rows_per_epoch * 256) > 0.94  # 0.949; the streaming best fit before it filled 0.89
 
 
 def test_a_packed_row_holds_each_example_as_its_padded_row_does():

@@ -10,7 +10,7 @@ others, and a resumed run draws the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import itertools
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,50 +109,69 @@ def draw(examples: list[Example], step: int, per_batch: int, seed: int) -> list[
     return out
 
 
-class PackedStream:
-    """One adapter's examples in draw's order, packed best-fit into `rows` rows of seq_len input tokens a batch.
+def best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `sizes` in bins of `capacity`: largest first, each into the bin it leaves fullest, or a new one.
 
-    An example fills len(tokens) - 1 input positions and goes into the fullest row it fits. One that fits no row
-    waits for the next batch, where it is placed first; a batch ends when `rows` examples wait, so no example waits
-    more than one batch. Batch t's rows depend only on t, so a resumed run packs as an uninterrupted one did."""
+    Best-fit decreasing (TRL's "bfd" packing) fills bins of many mixed sizes almost completely. Bins are looked up
+    by their free space, so n sizes take O(n log n). Every size must be at most `capacity`."""
+    bins: list[list[int]] = []
+    by_free: dict[int, list[int]] = {}  # free space -> the bins with exactly that much
+    frees: list[int] = []  # the keys of by_free, ascending
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        k = bisect.bisect_left(frees, sizes[i])
+        if k == len(frees):
+            target, free = len(bins), capacity
+            bins.append([])
+        else:
+            free = frees[k]
+            target = by_free[free].pop()
+            if not by_free[free]:
+                del by_free[free]
+                frees.pop(k)
+        bins[target].append(i)
+        free -= sizes[i]
+        if free > 0:
+            if free not in by_free:
+                by_free[free] = []
+                bisect.insort(frees, free)
+            by_free[free].append(target)
+    return bins
+
+
+class PackedStream:
+    """One adapter's examples packed into rows of seq_len input tokens, `rows` rows a batch.
+
+    Each epoch takes the examples in draw's order and packs them best-fit decreasing (an example fills
+    len(tokens) - 1 input positions), then deals the rows out in a seeded order; batches run through the epochs'
+    rows back to back, so every example trains once an epoch and a batch may straddle two epochs. The packing
+    depends only on the examples' lengths, so every epoch has the same number of rows, and batch t's rows depend
+    only on t: a resumed run packs as an uninterrupted one did."""
 
     def __init__(self, examples: list[Example], rows: int, seq_len: int, seed: int):
         self.examples, self.rows, self.seq_len, self.seed = examples, rows, seq_len, seed
-        self._starts: list[tuple[int, tuple[int, ...]]] = [(0, ())]
-        self._orders: dict[int, np.ndarray] = {}
+        self._epochs: dict[int, tuple[np.ndarray, list[list[int]]]] = {}
+        self.rows_per_epoch = len(self._epoch(0)[1])
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, list[list[int]]]:
+        """(the epoch's example order, the stream positions in each of its rows), kept for two epochs."""
+        if epoch not in self._epochs:
+            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.examples))
+            rows = best_fit_decreasing([len(self.examples[i].tokens) - 1 for i in order], self.seq_len)
+            deal = np.random.default_rng((self.seed, epoch, 1)).permutation(len(rows))
+            base = epoch * len(self.examples)
+            self._epochs[epoch] = (order, [[base + j for j in rows[r]] for r in deal])
+            if len(self._epochs) > 2:
+                del self._epochs[min(e for e in self._epochs if e != epoch)]
+        return self._epochs[epoch]
 
     def _example(self, position: int) -> Example:
         epoch, index = divmod(position, len(self.examples))
-        if epoch not in self._orders:
-            self._orders[epoch] = np.random.default_rng((self.seed, epoch)).permutation(len(self.examples))
-        return self.examples[self._orders[epoch][index]]
-
-    def _pack(self, start: int, waiting: tuple[int, ...]) -> tuple[list[list[int]], tuple[int, tuple[int, ...]]]:
-        """The stream positions in each row of the batch that takes the `waiting` positions and then the stream
-        from `start`, and where the next batch starts (its stream position and waiting positions)."""
-        rows: list[list[int]] = [[] for _ in range(self.rows)]
-        free = [self.seq_len] * self.rows
-        deferred: list[int] = []
-        position = start
-        for candidate in itertools.chain(waiting, itertools.count(start)):
-            if len(deferred) == self.rows:
-                break
-            size = len(self._example(candidate).tokens) - 1
-            fitting = [i for i in range(self.rows) if free[i] >= size]
-            if fitting:
-                row = min(fitting, key=lambda i: free[i])
-                rows[row].append(candidate)
-                free[row] -= size
-            else:
-                deferred.append(candidate)
-            position = max(position, candidate + 1)
-        return rows, (position, tuple(deferred))
+        return self.examples[self._epoch(epoch)[0][index]]
 
     def positions(self, step: int) -> list[list[int]]:
         """The stream positions of the examples in each row of batch `step`."""
-        while len(self._starts) <= step:
-            self._starts.append(self._pack(*self._starts[-1])[1])
-        return self._pack(*self._starts[step])[0]
+        return [self._epoch(g // self.rows_per_epoch)[1][g % self.rows_per_epoch]
+                for g in range(step * self.rows, (step + 1) * self.rows)]
 
     def batch(self, step: int) -> list[list[Example]]:
         """The examples of each of the `rows` rows of batch `step`."""
