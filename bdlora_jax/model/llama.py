@@ -24,6 +24,7 @@ from ..adapters.operands import CompressedOperand, LoraOperand
 from ..adapters.routing import Routing, route_blocks, route_shard
 from ..config import LORA_MODULES, ModelConfig
 from ..sharding import CACHE_AXES, ShardingPlan, compressed_axes, factor_axes, weight_axes
+from .attention import block_causal_attention, reference_attention
 
 Bank = dict[str, tuple[jax.Array, jax.Array]]
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -98,14 +99,14 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate (batch, seq, heads, head_dim) by position, in the rotate-half convention of HF Llama."""
-    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    """Rotate (batch, seq, heads, head_dim) by position, in the rotate-half convention of HF Llama.
+
+    The halves are an axis of two, so rotate-half is a flip of that axis (one elementwise pass forward and back)."""
+    angles = positions[..., None, None, None].astype(jnp.float32) * jnp.asarray(inv_freq)  # (batch, seq, 1, 1, half)
+    halves = x.astype(jnp.float32).reshape(x.shape[:-1] + (2, x.shape[-1] // 2))
+    sign = jnp.asarray([[-1.0], [1.0]], jnp.float32)
+    rotated = halves * jnp.cos(angles) + jnp.flip(halves, axis=-2) * (sign * jnp.sin(angles))
+    return rotated.reshape(x.shape).astype(x.dtype)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, dtype, std: float) -> nnx.Param:
@@ -202,7 +203,7 @@ class DecoderLayer(nnx.Module):
 
         With segment_ids (packed rows, no cache) a token attends only to earlier tokens of its own segment.
         causal_blocks (keys are this call's own tokens, in order): queries go in blocks of QUERY_BLOCK, each against
-        the keys up to its own end, as every later key is masked for all of them."""
+        the keys up to its own end, as every later key is masked for all of them (model/attention.py)."""
         cfg = self.config
         batch, seq = q.shape[:2]
         mask = key_positions[:, None, :] <= positions[:, :, None]
@@ -213,27 +214,15 @@ class DecoderLayer(nnx.Module):
         if self.plan.kv_replicated:
             keys = self._constrain(jnp.repeat(keys, groups, axis=1), ("batch", "q_heads", None, "head_dim"))
             values = self._constrain(jnp.repeat(values, groups, axis=1), ("batch", "q_heads", None, "head_dim"))
-            if seq == 1:
-                return self._attend_one(q[:, 0, :, None], keys, values, mask[:, 0], scale).reshape(q.shape)
-            specs = ("bshd,bhtd->bhst", "bhst,bhtd->bshd")
-            grouped, mask_axes = q, (slice(None), None)
+            grouped = q[:, :, :, None]  # every query head its own (repeated) kv head
         else:
             grouped = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
-            if seq == 1:
-                return self._attend_one(grouped[:, 0], keys, values, mask[:, 0], scale).reshape(q.shape)
-            specs = ("bskgd,bktd->bkgst", "bkgst,bktd->bskgd")
-            mask_axes = (slice(None), None, None)
-        step = QUERY_BLOCK if causal_blocks else seq
-        parts = []
-        for begin in range(0, seq, step):
-            end = min(seq, begin + step)
-            reach = end if causal_blocks else keys.shape[2]
-            scores = jnp.einsum(specs[0], grouped[:, begin:end], keys[:, :, :reach],
-                                preferred_element_type=jnp.float32) * scale
-            scores = jnp.where(mask[:, begin:end, :reach][mask_axes], scores, -jnp.inf)
-            probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-            parts.append(jnp.einsum(specs[1], probs, values[:, :, :reach], preferred_element_type=jnp.float32))
-        out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        if seq == 1:
+            return self._attend_one(grouped[:, 0], keys, values, mask[:, 0], scale).reshape(q.shape)
+        if causal_blocks:
+            out = block_causal_attention(grouped, keys, values, mask, scale, QUERY_BLOCK)
+        else:
+            out = reference_attention(grouped, keys, values, mask, scale)
         return out.astype(q.dtype).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
 
     @staticmethod
