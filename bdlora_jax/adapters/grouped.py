@@ -94,7 +94,11 @@ def _group_matmul_bwd(residuals, dy):
     if x.shape[-1] <= dy.shape[-1]:
         dw = jnp.einsum("gtk,gtn->gkn", x, dy, preferred_element_type=jnp.float32)
     else:
-        dw = jnp.swapaxes(jnp.einsum("gtn,gtk->gnk", dy, x, preferred_element_type=jnp.float32), 1, 2)
+        # Barriers keep dyᵀ a (small) array of its own and the product in (narrow, wide) order; XLA would fold both
+        # transposes into one dot contracting the token axis of both operands, which runs 2.6x slower on CPU.
+        dy_t = jax.lax.optimization_barrier(jnp.swapaxes(dy, 1, 2))
+        dw_t = jax.lax.optimization_barrier(jnp.einsum("gnt,gtk->gnk", dy_t, x, preferred_element_type=jnp.float32))
+        dw = jnp.swapaxes(dw_t, 1, 2)
     return dx, dw.astype(w.dtype)
 
 
