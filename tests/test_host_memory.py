@@ -71,3 +71,57 @@ print(calls, file=sys.stderr)
 def test_entry_points_keep_freed_memory_before_numpy_or_jax_start_threads(module):
     done = subprocess.run([sys.executable, "-c", ENTRY_POINT, module], capture_output=True, text=True, check=True)
     assert done.stderr.strip().splitlines()[-1] == "[[]]", done.stderr
+
+
+# Runs a step with 16 MiB temporaries ten times, with or without synchronous CPU dispatch, and prints the most heap
+# still in use right after a step returned beyond what was in use before it.
+STEPS = """
+import ctypes, ctypes.util, sys
+from bdlora_jax.host_memory import keep_freed_memory, run_cpu_steps_synchronously
+keep_freed_memory()
+if sys.argv[1] == "sync":
+    run_cpu_steps_synchronously()
+import jax, jax.numpy as jnp
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallinfo2.restype = MallInfo2
+step = jax.jit(lambda x: jnp.sum(jnp.sin(x) @ jnp.cos(x)))
+x = jnp.full((2048, 2048), 0.5, jnp.float32)
+jax.block_until_ready(step(x))
+held = []
+for _ in range(10):
+    before = libc.mallinfo2().uordblks
+    jax.block_until_ready(step(x))
+    held.append(libc.mallinfo2().uordblks - before)
+print(max(held))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
+def test_a_synchronous_cpu_step_returns_with_its_temporaries_freed():
+    done = subprocess.run([sys.executable, "-c", STEPS, "sync"], capture_output=True, text=True, check=True)
+    assert int(done.stdout.split()[-1]) < 4 << 20, done.stdout
+
+
+# Runs a training entry point until it asks for synchronous CPU dispatch, and records whether JAX had created its
+# CPU backend by then (the setting applies only to a backend created after it).
+TRAINING_ENTRY = """
+import runpy, sys
+import bdlora_jax.host_memory as host_memory
+def recording():
+    from jax._src import xla_bridge
+    print("backend created:", xla_bridge.backends_are_initialized(), file=sys.stderr)
+    raise SystemExit(0)
+host_memory.run_cpu_steps_synchronously = recording
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("argv", [["bdlora_jax.train", "--config", "configs/train/demo_tasks.yaml"],
+                                  ["bdlora_jax.bench", "train", "--model", "demo", "--steps", "0"]])
+def test_training_entry_points_run_cpu_steps_synchronously_from_the_start(argv):
+    done = subprocess.run([sys.executable, "-c", TRAINING_ENTRY, *argv], capture_output=True, text=True)
+    assert done.stderr.strip().splitlines()[-1] == "backend created: False", done.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..host_memory import run_cpu_steps_synchronously
 from .common import SMALL_32K, model_config, shared_options
 
 NAME = "train"
@@ -81,6 +82,7 @@ def peak_bytes(compiled) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Train args.warmup + args.steps steps and report tokens/s, the step's memory and its compilations."""
+    run_cpu_steps_synchronously()
     import jax
     import jax.numpy as jnp
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ..host_memory import keep_freed_memory
+from ..host_memory import keep_freed_memory, run_cpu_steps_synchronously
 from ..mesh import emulate_host_devices
 
 
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     emulate_host_devices(cfg.mesh)
+    run_cpu_steps_synchronously()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from .trainer import Trainer
 
