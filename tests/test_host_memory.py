@@ -123,5 +123,5 @@ runpy.run_module(sys.argv[0], run_name="__main__")
 @pytest.mark.parametrize("argv", [["bdlora_jax.train", "--config", "configs/train/demo_tasks.yaml"],
                                   ["bdlora_jax.bench", "train", "--model", "demo", "--steps", "0"]])
 def test_training_entry_points_run_cpu_steps_synchronously_from_the_start(argv):
-    done = subprocess.run([sys.executable, "-c", TRAINING_ENTRY, *argv], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", TRAINING_ENTRY, *argv], capture_output=True, text=True, check=True)
     assert done.stderr.strip().splitlines()[-1] == "backend created: False", done.stderr
