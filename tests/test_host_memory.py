@@ -73,14 +73,13 @@ def test_entry_points_keep_freed_memory_before_numpy_or_jax_start_threads(module
     assert done.stderr.strip().splitlines()[-1] == "[[]]", done.stderr
 
 
-# Runs a step with 16 MiB temporaries ten times, with or without synchronous CPU dispatch, and prints the most heap
-# still in use right after a step returned beyond what was in use before it.
+# Runs a step with 16 MiB temporaries ten times with synchronous CPU dispatch, and prints the most heap still in use
+# right after a step returned beyond what was in use before it.
 STEPS = """
-import ctypes, ctypes.util, sys
+import ctypes, ctypes.util
 from bdlora_jax.host_memory import keep_freed_memory, run_cpu_steps_synchronously
 keep_freed_memory()
-if sys.argv[1] == "sync":
-    run_cpu_steps_synchronously()
+run_cpu_steps_synchronously()
 import jax, jax.numpy as jnp
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -101,7 +100,7 @@ print(max(held))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
 def test_a_synchronous_cpu_step_returns_with_its_temporaries_freed():
-    done = subprocess.run([sys.executable, "-c", STEPS, "sync"], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", STEPS], capture_output=True, text=True, check=True)
     assert int(done.stdout.split()[-1]) < 4 << 20, done.stdout
 
 

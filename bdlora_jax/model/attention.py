@@ -45,7 +45,7 @@ def _forward(q, k, v, mask, scale, block):
         probs.append(p)
         outs.append(jnp.einsum("bkgqt,bktd->bqkgd", p.astype(v.dtype), v[:, :, :hi],
                                preferred_element_type=jnp.float32))
-    out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    out = jnp.concatenate(outs, axis=1)
     return out, (q, k, v, out, probs)
 
 
@@ -65,8 +65,8 @@ def _backward(scale, block, residuals, d_out):
         tail = ((0, 0), (0, 0), (0, seq - hi), (0, 0))
         dk = dk + jnp.pad(jnp.einsum("bkgqt,bqkgd->bktd", ds, q[:, lo:hi], preferred_element_type=f32), tail)
         dv = dv + jnp.pad(jnp.einsum("bkgqt,bqkgd->bktd", p, d_block, preferred_element_type=f32), tail)
-    dq = jnp.concatenate(dqs, axis=1) if len(dqs) > 1 else dqs[0]
+    dq = jnp.concatenate(dqs, axis=1)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-block_causal_attention.defvjp(lambda q, k, v, mask, scale, block: _forward(q, k, v, mask, scale, block), _backward)
+block_causal_attention.defvjp(_forward, _backward)

@@ -113,7 +113,8 @@ def best_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
     """Indices of `sizes` in bins of `capacity`: largest first, each into the bin it leaves fullest, or a new one.
 
     Best-fit decreasing (TRL's "bfd" packing) fills bins of many mixed sizes almost completely. Bins are looked up
-    by their free space, so n sizes take O(n log n). Every size must be at most `capacity`."""
+    by their free space (a binary search over at most `capacity` distinct amounts), not scanned one by one.
+    Every size must be at most `capacity`."""
     bins: list[list[int]] = []
     by_free: dict[int, list[int]] = {}  # free space -> the bins with exactly that much
     frees: list[int] = []  # the keys of by_free, ascending
