@@ -222,6 +222,13 @@ def test_top_candidates_equal_lax_top_k_with_ties():
         want_values, want_index = jax.lax.top_k(jnp.asarray(logits), CANDIDATES)
         np.testing.assert_array_equal(values, want_values)
         np.testing.assert_array_equal(index, want_index)
+        # a map applied to what is read, such as the sampler's shift and temperature, is top_k of the mapped logits
+        shift, temperature = logits.max(axis=-1, keepdims=True), np.float32(0.7)
+        monotone = jax.jit(lambda x, shift=shift, temperature=temperature: (x - shift) / temperature)
+        values, index = top_candidates(jnp.asarray(logits), CANDIDATES, monotone)
+        want_values, want_index = jax.lax.top_k(monotone(jnp.asarray(logits)), CANDIDATES)
+        np.testing.assert_array_equal(values, want_values)
+        np.testing.assert_array_equal(index, want_index)
 
 
 def test_greedy_batch_on_a_large_vocabulary_is_argmax():
@@ -240,12 +247,13 @@ def _large_vocab_case(seed: int):
 
 
 def test_candidate_draws_equal_the_sorted_draws_with_the_same_uniforms():
-    from bdlora_jax.engine.sampler import _draw_candidates, _draw_sorted
+    from bdlora_jax.engine.sampler import CANDIDATES, _draw_candidates, _draw_sorted, top_candidates
 
     logits, temperature, top_p, top_k = _large_vocab_case(seed=8)
     scaled = (logits - logits.max(axis=-1, keepdims=True)) / temperature[:, None]
     u = np.random.default_rng(9).uniform(size=ROWS).astype(np.float32)
-    by_candidates, fits = jax.jit(_draw_candidates)(scaled, top_k, top_p, u)
+    values, index = top_candidates(jnp.asarray(scaled), CANDIDATES)
+    by_candidates, fits = jax.jit(_draw_candidates)(values, index, jax.nn.logsumexp(scaled, axis=-1), top_k, top_p, u)
     by_sorting = jax.jit(_draw_sorted)(scaled, top_k, top_p, u)
     fits = np.asarray(fits)
     assert fits[top_k > 0].all() and fits.sum() > ROWS * 3 // 4

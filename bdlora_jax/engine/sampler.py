@@ -126,10 +126,14 @@ def _top_p_keep(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
-    """Index of each row's maximum, the lowest on ties (as argmax), reading the vocabulary once: each chunk's
-    maximum, the first chunk holding the row's maximum, then the position within that chunk."""
+    """Index of each row's maximum, the lowest on ties (as argmax), reading the vocabulary once."""
     chunks = _chunked(x, -jnp.inf)
-    chunk_max = jnp.max(chunks, axis=-1)
+    return _first_argmax(chunks, jnp.max(chunks, axis=-1))
+
+
+def _first_argmax(chunks: jax.Array, chunk_max: jax.Array) -> jax.Array:
+    """first_argmax from the chunks and their maxima: the first chunk holding the row's maximum, then the position
+    within that chunk."""
     top = jnp.max(chunk_max, axis=-1, keepdims=True)
     chunk = jnp.min(jnp.where(chunk_max == top, jnp.arange(chunk_max.shape[-1]), chunk_max.shape[-1]), axis=-1)
     within = jnp.take_along_axis(chunks, chunk[:, None, None], axis=1)[:, 0]
@@ -150,18 +154,30 @@ def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(index)
 
 
-def top_candidates(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Exact lax.top_k(x, k) (values descending, lower index first on ties) without a pass of top_k over the vocabulary.
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+def top_candidates(x: jax.Array, k: int, monotone=_identity) -> tuple[jax.Array, jax.Array]:
+    """Exact lax.top_k(monotone(x), k) (values descending, lower index first on ties) without a pass of top_k over
+    the vocabulary; monotone: an elementwise map, non-decreasing in each row, applied only to what is read.
 
     The k largest entries lie in the k chunks with the largest maxima, so top_k runs on those chunks' maxima and
     then on the k·CHUNK entries they hold, kept in vocabulary order so ties still resolve to the lower index.
     """
     if x.shape[-1] <= k * CHUNK:
-        return _top_k(x, k)
+        return _top_k(monotone(x), k)
     chunks = _chunked(x, -jnp.inf)
-    _, chosen = _top_k(jnp.max(chunks, axis=-1), k)
+    return _top_candidates_of_chunks(chunks, jnp.max(chunks, axis=-1), k, monotone)
+
+
+def _top_candidates_of_chunks(chunks: jax.Array, chunk_max: jax.Array, k: int, monotone):
+    """top_candidates from x's chunks and their maxima. A non-decreasing map commutes with max, rounding included, so
+    monotone(chunk_max) are the chunk maxima of monotone(x)."""
+    rows = chunks.shape[0]
+    _, chosen = _top_k(monotone(chunk_max), k)
     chosen = jnp.sort(chosen, axis=-1)
-    values = jnp.take_along_axis(chunks, chosen[:, :, None], axis=1).reshape(x.shape[0], k * CHUNK)
+    values = monotone(jnp.take_along_axis(chunks, chosen[:, :, None], axis=1).reshape(rows, k * CHUNK))
     top, position = _top_k(values, k)
     index = jnp.take_along_axis(chosen, position // CHUNK, axis=1) * CHUNK + position % CHUNK
     return top, index.astype(jnp.int32)
@@ -189,17 +205,16 @@ def _draw_vocabulary(scaled: jax.Array, u: jax.Array) -> jax.Array:
     return chunk * CHUNK + within
 
 
-def _draw_candidates(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, u: jax.Array):
-    """(token, fits) per row: a draw after top-k then top-p among the CANDIDATES largest tokens, and whether those
-    candidates hold every token the row's filters keep (so the draw is the exact one)."""
-    k = min(CANDIDATES, scaled.shape[-1])
-    values, index = top_candidates(scaled, k)
+def _draw_candidates(values: jax.Array, index: jax.Array, vocabulary_log_total: jax.Array, top_k: jax.Array,
+                     top_p: jax.Array, u: jax.Array):
+    """(token, fits) per row: a draw after top-k then top-p among the candidates (the row's largest scaled logits,
+    descending, and their ids), and whether they hold every token the row's filters keep (so the draw is the exact
+    one). vocabulary_log_total: log Σ exp(scaled) over the whole vocabulary, read only by rows without top-k."""
+    k = values.shape[-1]
     keep_k = jnp.arange(k)[None, :] < jnp.where((top_k > 0) & (top_k <= k), top_k, k)[:, None]
     # top-p normalises over what top-k keeps: the candidates when top_k <= k, the whole vocabulary when top_k is 0
     log_total = jnp.where(top_k > 0, jax.nn.logsumexp(jnp.where(keep_k, values, -jnp.inf), axis=-1),
-                          jax.nn.logsumexp(scaled, axis=-1))
-    # materialised once: fused into its (rows, k) consumers, the vocabulary-wide sum would be redone per candidate
-    log_total = jax.lax.optimization_barrier(log_total)
+                          vocabulary_log_total)
     probs = jnp.where(keep_k, jnp.exp(values - log_total[:, None]), 0.0)
     before = jnp.cumsum(probs, axis=-1) - probs
     keep = keep_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1))
@@ -218,20 +233,39 @@ def _draw_sorted(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, u: jax.A
     return jnp.take_along_axis(order, position[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def _draw(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array, keys: jax.Array):
-    """Each sampling row's token by the cheapest exact path for that row; a path runs only if some row needs it."""
+def _draw(logits: jax.Array, chunks: jax.Array, chunk_max: jax.Array, temperature: jax.Array, top_p: jax.Array,
+          top_k: jax.Array, keys: jax.Array):
+    """Each sampling row's token by the cheapest exact path for that row; a path runs only if some row needs it.
+
+    The scaled logits are never written out whole: each path scales what it reads (in the candidates' case, the
+    chunk maxima already found and the chunks they choose), so a batch of top-k and top-p rows reads the
+    vocabulary twice, once for the chunk maxima and once for the sum of exponentials that top-p normalises by."""
     rows = logits.shape[0]
     # shift so the maximum is 0 before dividing: tiny temperatures then give -inf, never +inf or nan
+    row_max = jnp.max(chunk_max, axis=-1, keepdims=True)
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / t
+
+    def scale(x):
+        return (x - row_max) / t
+
     u = jax.vmap(lambda key: jax.random.uniform(key, ()))(jax.random.wrap_key_data(keys))
     sampling = temperature > 0
     unfiltered = (top_k == 0) & (top_p >= 1)
-    by_candidates, fits = _draw_candidates(scaled, top_k, top_p, u)
+    k = min(CANDIDATES, logits.shape[-1])
+    if logits.shape[-1] <= k * CHUNK:
+        values, index = _top_k(scale(logits), k)
+    else:
+        values, index = _top_candidates_of_chunks(chunks, chunk_max, k, scale)
+    zeros = jnp.zeros((rows,), jnp.float32)
+    # materialised once: fused into its (rows, k) consumers, the vocabulary-wide sum would be redone per candidate
+    vocabulary_log_total = jax.lax.cond(jnp.any(sampling & (top_k == 0) & (top_p < 1)),
+                                        lambda: jnp.log(jnp.sum(jnp.exp(scale(logits)), axis=-1)), lambda: zeros)
+    by_candidates, fits = _draw_candidates(values, index, vocabulary_log_total, top_k, top_p, u)
     nothing = jnp.zeros((rows,), jnp.int32)
-    by_vocabulary = jax.lax.cond(jnp.any(sampling & unfiltered), _draw_vocabulary, lambda *_: nothing, scaled, u)
-    by_sorting = jax.lax.cond(jnp.any(sampling & ~unfiltered & ~fits), _draw_sorted, lambda *_: nothing,
-                              scaled, top_k, top_p, u)
+    by_vocabulary = jax.lax.cond(jnp.any(sampling & unfiltered), lambda: _draw_vocabulary(scale(logits), u),
+                                 lambda: nothing)
+    by_sorting = jax.lax.cond(jnp.any(sampling & ~unfiltered & ~fits),
+                              lambda: _draw_sorted(scale(logits), top_k, top_p, u), lambda: nothing)
     return jnp.where(unfiltered, by_vocabulary, jnp.where(fits, by_candidates, by_sorting))
 
 
@@ -242,13 +276,17 @@ def sample(
     """Next token per row: argmax where temperature is 0, else a draw after temperature, top-k then top-p.
 
     logits (rows, vocab); temperature, top_p float32 (rows,); top_k int32 (rows,); keys (rows, 2) uint32 key data.
-    Returns int32 (rows,). A batch of greedy rows costs one argmax; the draws run only when a row samples.
+    Returns int32 (rows,). A batch of greedy rows costs one argmax; the draws run only when a row samples, and
+    share the argmax's chunk maxima.
     """
     logits = logits.astype(jnp.float32)
-    greedy = first_argmax(logits)
+    chunks = _chunked(logits, -jnp.inf)
+    # materialised: XLA would otherwise fold the row maxima taken from it into a second pass over the vocabulary
+    chunk_max = jax.lax.optimization_barrier(jnp.max(chunks, axis=-1))
+    greedy = _first_argmax(chunks, chunk_max)
 
     def draw_or_greedy():
-        return jnp.where(temperature == 0, greedy, _draw(logits, temperature, top_p, top_k, keys))
+        return jnp.where(temperature == 0, greedy, _draw(logits, chunks, chunk_max, temperature, top_p, top_k, keys))
 
     return jax.lax.cond(jnp.any(temperature > 0), draw_or_greedy, lambda: greedy)
 
