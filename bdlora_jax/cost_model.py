@@ -37,8 +37,8 @@ import yaml
 from .adapters.bank import BankLayout
 from .comm import DecodeShape, compile_decode_step, count_collectives
 from .config import LORA_MODULES, ModelConfig
-from .model.llama import cache_shape
-from .sharding import CACHE_AXES, ShardingPlan, weight_axes
+from .model.llama import cache_shapes
+from .sharding import KEY_CACHE_AXES, VALUE_CACHE_AXES, ShardingPlan, weight_axes
 
 PROFILE_FIELDS = ("hbm_bandwidth", "peak_flops", "collective_latency", "link_bandwidth")
 RING_FACTORS = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
@@ -199,8 +199,9 @@ def analytic_bytes(config: ModelConfig, plan: ShardingPlan, shape: DecodeShape, 
     Activations, norms and the embedding rows are left out (well under 1% at Llama sizes).
     """
     itemsize = jnp.dtype(shape.dtype).itemsize
-    cache = cache_shape(config, shape.batch, shape.max_seq_len)
-    kv = config.num_layers * 2 * _local_numel(cache, CACHE_AXES, plan)
+    shapes = cache_shapes(config, shape.batch, shape.max_seq_len)
+    kv = config.num_layers * sum(_local_numel(cache, axes, plan)
+                                 for cache, axes in zip(shapes, (KEY_CACHE_AXES, VALUE_CACHE_AXES)))
     lora = adapters * _adapter_numel(config, plan, shape) if with_lora else 0
     return itemsize * (_weight_numel(config, plan) + kv + lora)
 

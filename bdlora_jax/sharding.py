@@ -50,7 +50,10 @@ STRATEGY_RULES: Mapping[str, Mapping[str, str | None]] = {
 }
 
 KV_AXES = ("kv_heads", "kv_lora_rank", "kv_lora_block")
-CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # heads before positions: attention reads it untransposed
+# Per layer, keys are cached transposed (positions last), so a decode step's query-key products sum over a
+# middle axis, which XLA vectorises along positions; values keep positions before head_dim for the same reason.
+KEY_CACHE_AXES = ("batch", "kv_heads", "head_dim", None)
+VALUE_CACHE_AXES = ("batch", "kv_heads", None, "head_dim")
 
 # The base axis of each adapted module's sharded side: column modules' output, row modules' input.
 COLUMN_OUT = {"q_proj": "q_heads", "k_proj": "kv_heads", "v_proj": "kv_heads", "gate_proj": "mlp", "up_proj": "mlp"}

@@ -52,7 +52,7 @@ def test_batched_prefill_writes_the_cache_and_first_tokens_of_one_prompt_per_cal
     np.testing.assert_array_equal(batched.generator.positions[:4], single.generator.positions[:4])
     for (k_b, v_b), (k_s, v_s) in zip(batched.generator.cache, single.generator.cache):
         for row, n in enumerate(LENGTHS[:4]):
-            np.testing.assert_allclose(np.asarray(k_b)[row, :, :n], np.asarray(k_s)[row, :, :n], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(np.asarray(k_b)[row, ..., :n], np.asarray(k_s)[row, ..., :n], atol=1e-5, rtol=0)
             np.testing.assert_allclose(np.asarray(v_b)[row, :, :n], np.asarray(v_s)[row, :, :n], atol=1e-5, rtol=0)
 
 

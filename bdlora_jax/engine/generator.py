@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import AdapterError, BdloraError, PoolFullError
-from ..model.llama import AdapterBatch, cache_shape, forward, init_cache, slot_groups
+from ..model.llama import AdapterBatch, cache_shapes, forward, init_cache, slot_groups
 from ..text_stream import TextStream
 from .logprobs import TokenLogprob, row_logprob, token_logprobs
 from .penalties import adjust, history, prompt_mask, record_tokens_jit, reset_rows_jit
@@ -58,9 +58,12 @@ def _sample(logits: jax.Array, sampling: tuple[jax.Array, jax.Array], adjustment
 
 
 def _insert(cache, prompt_cache, rows):
-    """Copy each prefilled row into its decode row of every layer's cache (a row index past the end: skipped)."""
-    length = jax.tree.leaves(prompt_cache)[0].shape[2]
-    return jax.tree.map(lambda full, new: full.at[rows, :, :length].set(new, mode="drop"), cache, prompt_cache)
+    """Copy each prefilled row into its decode row of every layer's cache (a row index past the end: skipped);
+    positions are the last axis of the (transposed) key cache and the third of the value cache."""
+    length = prompt_cache[0][1].shape[2]
+    return tuple((keys.at[rows, :, :, :length].set(new_keys, mode="drop"),
+                  values.at[rows, :, :length].set(new_values, mode="drop"))
+                 for (keys, values), (new_keys, new_values) in zip(cache, prompt_cache))
 
 
 def geometric_sizes(low: int, high: int, factor: int) -> list[int]:
@@ -180,8 +183,8 @@ class Generator:
         ids = per-row (slots, clusters, Σ ids); groups = the distinct slots in use (see AdapterBatch)."""
         cfg = self.engine.model_config
         prompts, length = tokens.shape
-        zeros = jnp.zeros(cache_shape(cfg, prompts, length), self._cache_dtype)
-        prompt_cache = tuple((zeros, zeros) for _ in range(cfg.num_layers))
+        zeros = tuple(jnp.zeros(shape, self._cache_dtype) for shape in cache_shapes(cfg, prompts, length))
+        prompt_cache = tuple(zeros for _ in range(cfg.num_layers))
         logits, prompt_cache = forward(self.engine.graphdef, state, tokens, jnp.zeros((prompts,), jnp.int32),
                                        prompt_cache, adapter_batch(bank, compressed, *ids, groups))
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]

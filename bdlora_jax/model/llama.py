@@ -23,7 +23,7 @@ from ..adapters.linear import LinearSpecs, adapted_linear
 from ..adapters.operands import CompressedOperand, LoraOperand
 from ..adapters.routing import Routing, route_blocks, route_shard
 from ..config import LORA_MODULES, ModelConfig
-from ..sharding import CACHE_AXES, ShardingPlan, compressed_axes, factor_axes, weight_axes
+from ..sharding import KEY_CACHE_AXES, VALUE_CACHE_AXES, ShardingPlan, compressed_axes, factor_axes, weight_axes
 from .attention import block_causal_attention, reference_attention
 
 Bank = dict[str, tuple[jax.Array, jax.Array]]
@@ -189,21 +189,27 @@ class DecoderLayer(nnx.Module):
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, head_dim)
         if cache is None:
             keys, values, key_positions = k, v, positions
-        else:
-            write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=1))
-            keys = self._constrain(write(cache[0], k.astype(cache[0].dtype), start), CACHE_AXES)
-            values = self._constrain(write(cache[1], v.astype(cache[1].dtype), start), CACHE_AXES)
-            key_positions = jnp.broadcast_to(jnp.arange(keys.shape[2]), (batch, keys.shape[2]))
+        else:  # the key cache holds keys transposed, (batch, kv_heads, head_dim, positions)
+            def write(c, new, axis):
+                return jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=axis))(
+                    c, new.astype(c.dtype), start)
+
+            keys = self._constrain(write(cache[0], k.transpose(0, 1, 3, 2), 2), KEY_CACHE_AXES)
+            values = self._constrain(write(cache[1], v, 1), VALUE_CACHE_AXES)
+            key_positions = jnp.broadcast_to(jnp.arange(values.shape[2]), (batch, values.shape[2]))
             cache = (keys, values)
-        out = self._attend(q, keys, values, positions, key_positions, segment_ids, causal_blocks=cache is None)
+        out = self._attend(q, keys, values, positions, key_positions, segment_ids, causal_blocks=cache is None,
+                           keys_transposed=cache is not None)
         return self.attn.apply("o_proj", out.reshape(batch, seq, cfg.q_dim), layer, adapters, routing), cache
 
-    def _attend(self, q, keys, values, positions, key_positions, segment_ids=None, causal_blocks=False):
+    def _attend(self, q, keys, values, positions, key_positions, segment_ids=None, causal_blocks=False,
+                keys_transposed=False):
         """Causal GQA attention in float32; kv heads are repeated when they are replicated (the fallback).
 
         With segment_ids (packed rows, no cache) a token attends only to earlier tokens of its own segment.
         causal_blocks (keys are this call's own tokens, in order): queries go in blocks of QUERY_BLOCK, each against
-        the keys up to its own end, as every later key is masked for all of them (model/attention.py)."""
+        the keys up to its own end, as every later key is masked for all of them (model/attention.py).
+        keys_transposed: keys come as the key cache holds them, (batch, kv_heads, head_dim, positions)."""
         cfg = self.config
         batch, seq = q.shape[:2]
         mask = key_positions[:, None, :] <= positions[:, :, None]
@@ -212,13 +218,18 @@ class DecoderLayer(nnx.Module):
         scale = cfg.head_dim ** -0.5
         groups = cfg.num_heads // cfg.num_kv_heads
         if self.plan.kv_replicated:
-            keys = self._constrain(jnp.repeat(keys, groups, axis=1), ("batch", "q_heads", None, "head_dim"))
+            key_axes = ("batch", "q_heads", "head_dim", None) if keys_transposed else ("batch", "q_heads", None,
+                                                                                       "head_dim")
+            keys = self._constrain(jnp.repeat(keys, groups, axis=1), key_axes)
             values = self._constrain(jnp.repeat(values, groups, axis=1), ("batch", "q_heads", None, "head_dim"))
             grouped = q[:, :, :, None]  # every query head its own (repeated) kv head
         else:
             grouped = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
         if seq == 1:
-            return self._attend_one(grouped[:, 0], keys, values, mask[:, 0], scale).reshape(q.shape)
+            keys_t = keys if keys_transposed else jnp.swapaxes(keys, 2, 3)
+            return self._attend_one(grouped[:, 0], keys_t, values, mask[:, 0], scale).reshape(q.shape)
+        if keys_transposed:
+            keys = jnp.swapaxes(keys, 2, 3)
         if causal_blocks:
             out = block_causal_attention(grouped, keys, values, mask, scale, QUERY_BLOCK)
         else:
@@ -226,11 +237,13 @@ class DecoderLayer(nnx.Module):
         return out.astype(q.dtype).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
 
     @staticmethod
-    def _attend_one(q, keys, values, mask, scale):
-        """One query token per row (decode), q (batch, kv_heads, groups, head_dim): products and sums over the
-        cache in float32, as a fused loop; as batched matmuls these are a tiny GEMV per (row, kv head)."""
-        keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
-        scores = jnp.sum(q.astype(jnp.float32)[:, :, :, None, :] * keys[:, :, None], axis=-1) * scale
+    def _attend_one(q, keys_t, values, mask, scale):
+        """One query token per row (decode), q (batch, kv_heads, groups, head_dim), keys_t (batch, kv_heads,
+        head_dim, positions): products and sums over the cache in float32, as fused loops whose sums run over a
+        middle axis (head_dim for the scores, positions for the output), vectorised along the last; as batched
+        matmuls these are a tiny GEMV per (row, kv head)."""
+        keys_t, values = keys_t.astype(jnp.float32), values.astype(jnp.float32)
+        scores = jnp.sum(q.astype(jnp.float32)[..., None] * keys_t[:, :, None], axis=-2) * scale
         scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1)
         return jnp.sum(probs[..., None] * values[:, :, None], axis=-2).astype(q.dtype)
@@ -329,25 +342,26 @@ def init_model(config: ModelConfig, plan: ShardingPlan, dtype=jnp.float32, seed:
     return graphdef, state
 
 
-def cache_shape(config: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int]:
-    """Shape of one layer's K (or V) cache: (batch, kv_heads, length, head_dim), laid out as CACHE_AXES."""
-    return (batch, config.num_kv_heads, length, config.head_dim)
+def cache_shapes(config: ModelConfig, batch: int, length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of one layer's key cache (batch, kv_heads, head_dim, length) and value cache (batch, kv_heads, length,
+    head_dim), laid out as KEY_CACHE_AXES and VALUE_CACHE_AXES."""
+    return ((batch, config.num_kv_heads, config.head_dim, length), (batch, config.num_kv_heads, length, config.head_dim))
 
 
 def init_cache(config: ModelConfig, plan: ShardingPlan, batch: int, max_seq_len: int, dtype=jnp.float32) -> KVCache:
-    """A zero KV cache (batch, kv_heads, max_seq_len, head_dim) per layer, sharded on batch and kv heads."""
-    shape = cache_shape(config, batch, max_seq_len)
-    sharding = plan.sharding(CACHE_AXES)
-    make = jax.jit(lambda: tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)),
-                   out_shardings=tuple((sharding, sharding) for _ in range(config.num_layers)))
+    """A zero KV cache (keys transposed, values) per layer, sharded on batch and kv heads."""
+    shapes = cache_shapes(config, batch, max_seq_len)
+    shardings = (plan.sharding(KEY_CACHE_AXES), plan.sharding(VALUE_CACHE_AXES))
+    make = jax.jit(lambda: tuple(tuple(jnp.zeros(shape, dtype) for shape in shapes) for _ in range(config.num_layers)),
+                   out_shardings=tuple(shardings for _ in range(config.num_layers)))
     return make()
 
 
 def abstract_cache(config: ModelConfig, plan: ShardingPlan, batch: int, max_seq_len: int, dtype=jnp.float32) -> KVCache:
     """Shapes and shardings of a KV cache without allocating it."""
-    shape = cache_shape(config, batch, max_seq_len)
-    leaf = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=plan.sharding(CACHE_AXES))
-    return tuple((leaf, leaf) for _ in range(config.num_layers))
+    leaves = tuple(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=plan.sharding(axes))
+                   for shape, axes in zip(cache_shapes(config, batch, max_seq_len), (KEY_CACHE_AXES, VALUE_CACHE_AXES)))
+    return tuple(leaves for _ in range(config.num_layers))
 
 
 def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, start, cache=None, adapters=None):
