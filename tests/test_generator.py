@@ -1,4 +1,5 @@
-"""The generator's batched prefill equals one prompt per call, and after warm-up a mixed run compiles nothing."""
+"""The generator: batched prefill equals one prompt per call, an all-greedy decode step takes its own argmax, and
+after warm-up a mixed run compiles nothing."""
 
 import dataclasses
 
@@ -6,10 +7,11 @@ import numpy as np
 import pytest
 from helpers import FIXTURE_ADAPTERS
 
+import bdlora_jax.engine.generator as generator_module
 from bdlora_jax import Engine
-from bdlora_jax.engine.generator import Request
+from bdlora_jax.engine.generator import Request, StepPlan
 from bdlora_jax.engine.metrics import CompileCounter
-from bdlora_jax.engine.sampler import SamplingParams
+from bdlora_jax.engine.sampler import SamplingParams, first_argmax
 
 pytestmark = pytest.mark.xdist_group("generator")  # one worker builds the module's engines once
 
@@ -62,6 +64,33 @@ def test_batched_prefill_gives_the_greedy_continuations_of_one_prompt_per_call(e
     want = single.generate(prompts, adapters=ADAPTERS, max_tokens=6)
     got = batched.generate(prompts, adapters=ADAPTERS, max_tokens=6)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+def test_all_greedy_decode_steps_take_the_step_argmax_and_a_sampling_row_takes_the_sampler(engines, monkeypatch):
+    eng = engines[0]
+    gen = eng.generator
+    calls = []
+    sample = generator_module._sample
+    monkeypatch.setattr(generator_module, "_sample", lambda *a, **k: calls.append(1) or sample(*a, **k))
+    prompts = _prompts(eng.model_config.vocab_size)[:2]
+    entries = [(row, Request(p, a, SamplingParams(temperature=0.0, seed=0)), list(eng.resolve([a])[0]) + [0, 0])
+               for row, (p, a) in enumerate(zip(prompts, ADAPTERS[:2]))]
+    gen._prefill_admitted(entries)
+    for row, request, _ in entries:
+        gen.running[row] = request
+    try:
+        slots = tuple(eng.resolve([ADAPTERS[0], ADAPTERS[1]])[0]) + (0,) * (gen.rows - 2)
+        plan = StepPlan((), slots, tuple(range(gen.rows)), (0,) * gen.rows, (0,) * gen.rows)
+        logits, greedy = gen._decode_logits(plan)
+        np.testing.assert_array_equal(np.asarray(greedy), np.asarray(first_argmax(logits)))
+        calls.clear()
+        gen._sample_rows(logits, [gen.running.get(i) for i in range(gen.rows)], np.arange(gen.rows), greedy=greedy)
+        assert calls == []  # every row greedy: the step's own argmax
+        gen.running[1] = Request(prompts[1], ADAPTERS[1], SamplingParams(temperature=0.7, seed=1))
+        gen._sample_rows(logits, [gen.running.get(i) for i in range(gen.rows)], np.arange(gen.rows), greedy=greedy)
+        assert calls == [1]  # a sampling row: the sampler
+    finally:
+        gen.running.clear()
 
 
 def test_no_compilation_after_warm_up_in_a_mixed_run_of_sampling_penalties_and_logprobs(hf_dir):

@@ -23,7 +23,15 @@ from ..model.llama import AdapterBatch, cache_shapes, forward, init_cache, slot_
 from ..text_stream import TextStream
 from .logprobs import TokenLogprob, row_logprob, token_logprobs
 from .penalties import adjust, history, prompt_mask, record_tokens_jit, reset_rows_jit
-from .sampler import MAX_LOGIT_BIAS, MAX_MIN_TOKENS_STOP_IDS, MAX_TOP_LOGPROBS, SamplingParams, row_keys, sample
+from .sampler import (
+    MAX_LOGIT_BIAS,
+    MAX_MIN_TOKENS_STOP_IDS,
+    MAX_TOP_LOGPROBS,
+    SamplingParams,
+    first_argmax,
+    row_keys,
+    sample,
+)
 
 MIN_BUCKET = 16
 MAX_PREFILL_TOKENS = 512  # tokens of one batched prefill call (prompts x bucket), unless one prompt needs more
@@ -191,17 +199,18 @@ class Generator:
         return last, _insert(cache, prompt_cache, rows)
 
     def _decode_fn(self, state, cache, bank, compressed, tokens, positions, ids, groups):
-        """One token for every row: write its KV at its position, attend, return the next-token logits.
+        """One token for every row: write its KV at its position, attend, return the next-token logits and their
+        argmax (taken while the logits are at hand: an all-greedy batch then needs no sampler call).
 
         ids = per-row (slots, clusters, Σ ids); groups = the distinct slots in use (see AdapterBatch)."""
         logits, cache = forward(self.engine.graphdef, state, tokens[:, None], positions, cache,
                                 adapter_batch(bank, compressed, *ids, groups))
-        return logits[:, 0], cache
+        return logits[:, 0], first_argmax(logits[:, 0]), cache
 
     def _decode_base_fn(self, state, cache, tokens, positions):
         """`_decode_fn` for a step in which no row uses an adapter: the base model alone."""
         logits, cache = forward(self.engine.graphdef, state, tokens[:, None], positions, cache)
-        return logits[:, 0], cache
+        return logits[:, 0], first_argmax(logits[:, 0]), cache
 
     def groups(self, slots) -> jax.Array:
         """The distinct slots in use, padded with 0 to the next compiled group count."""
@@ -298,34 +307,41 @@ class Generator:
     def decode(self, plan: StepPlan) -> tuple[np.ndarray, tuple | None]:
         """Run the decode step of a plan; returns each row's token and, when a row asked for them, the
         log-probabilities (see _sample_rows)."""
-        return self._sample_rows(self._decode_logits(plan), [self.running.get(i) for i in range(self.rows)],
-                                 np.arange(self.rows, dtype=np.int32))
+        logits, greedy = self._decode_logits(plan)
+        return self._sample_rows(logits, [self.running.get(i) for i in range(self.rows)],
+                                 np.arange(self.rows, dtype=np.int32), greedy=greedy)
 
-    def _decode_logits(self, plan: StepPlan) -> jax.Array:
-        """The next-token logits of every decode row, by the base-model step when no row uses an adapter."""
+    def _decode_logits(self, plan: StepPlan) -> tuple[jax.Array, jax.Array]:
+        """The next-token logits of every decode row and their argmax, by the base-model step when no row uses an
+        adapter."""
         ids = np.zeros((3, self.rows), np.int32)
         for array, values in zip(ids, (plan.decode_slots, plan.decode_clusters, plan.decode_sigma_ids)):
             array[list(plan.decode_rows)] = values
         tokens, positions = self.tokens, self.positions
         if not ids[0].any() and not ids[2].any():
-            logits, self.cache = self._decode_base_jit(self.engine.state, self.cache, tokens, positions)
+            logits, greedy, self.cache = self._decode_base_jit(self.engine.state, self.cache, tokens, positions)
         else:
-            logits, self.cache = self._decode_jit(self.engine.state, self.cache, self.engine.pool.bank,
-                                                  self.engine.compressed_arrays, tokens, positions, ids,
-                                                  self.groups(ids[0]))
-        return logits
+            logits, greedy, self.cache = self._decode_jit(self.engine.state, self.cache, self.engine.pool.bank,
+                                                          self.engine.compressed_arrays, tokens, positions, ids,
+                                                          self.groups(ids[0]))
+        return logits, greedy
 
     def _sample_rows(self, logits: jax.Array, requests: list[Request | None], state_rows: np.ndarray,
-                     prompts: list[list[int]] | None = None) -> tuple[np.ndarray, tuple | None]:
+                     prompts: list[list[int]] | None = None, greedy: jax.Array | None = None
+                     ) -> tuple[np.ndarray, tuple | None]:
         """One token per row of `logits` for `requests` (None: an idle row) whose histories are decode rows
         `state_rows`: the plain _sample variant unless a row adjusts its logits or asks for log-probabilities;
-        prompts: the rows' prompts when they are just admitted (their histories start there).
+        prompts: the rows' prompts when they are just admitted (their histories start there); greedy: the logits'
+        argmax, if at hand, which is the answer when every row is greedy and plain.
         Returns host (tokens, token_logprobs arrays or None)."""
         params = [r.params if r is not None else _IDLE for r in requests]
         adjusting = [r is not None and (r.params.adjusts_logits or len(r.output) < r.params.min_tokens)
                      for r in requests]
         steps = [len(r.output) if r is not None else 0 for r in requests]
-        if not any(adjusting) and all(p.logprobs is None for p in params):
+        plain = not any(adjusting) and all(p.logprobs is None for p in params)
+        if plain and greedy is not None and all(p.temperature == 0 for p in params):
+            return np.asarray(greedy), None
+        if plain:
             tokens, _ = _sample(logits, self._sampling(params, steps))
             return np.asarray(tokens), None
         if prompts is not None:
@@ -415,7 +431,7 @@ class Generator:
         for groups in [0, *self.group_sizes]:
             slots = tuple(range(1, groups + 1)) + (0,) * (self.rows - groups)
             plan = StepPlan((), slots, tuple(range(self.rows)), (0,) * self.rows, (0,) * self.rows)
-            self._warm_sampler(self._decode_logits(plan), np.full(self.rows, self.rows, np.int32), prompts=None)
+            self._warm_sampler(self._decode_logits(plan)[0], np.full(self.rows, self.rows, np.int32), prompts=None)
 
     def _warm_sampler(self, logits: jax.Array, past_end: np.ndarray, prompts: list[list[int]] | None) -> None:
         """Run both _sample variants (plain, full) on `logits` as _sample_rows does, for requests whose state rows
