@@ -45,14 +45,11 @@ def _chunk_losses_and_hidden_grads(head: jax.Array, hidden: jax.Array, targets: 
     return losses, grads.astype(hidden.dtype)
 
 
-def _chunks(hidden: jax.Array, targets: jax.Array, chunk_tokens: int) -> tuple[jax.Array, jax.Array]:
-    """hidden (rows, seq, hidden) and targets (rows, seq) as (chunks, chunk_tokens, ...), the last chunk padded."""
-    width = hidden.shape[-1]
-    count = targets.size
-    fill = -count % chunk_tokens
-    flat_hidden = jnp.pad(hidden.reshape(count, width), ((0, fill), (0, 0))).reshape(-1, chunk_tokens, width)
-    flat_targets = jnp.pad(targets.reshape(count), (0, fill)).reshape(-1, chunk_tokens)
-    return flat_hidden, flat_targets
+def _chunks(x: jax.Array, chunk_tokens: int) -> jax.Array:
+    """x (rows, seq, ...) as (chunks, chunk_tokens, ...), tokens in row order, the last chunk padded with zeros."""
+    flat = x.reshape((-1,) + x.shape[2:])
+    fill = -flat.shape[0] % chunk_tokens
+    return jnp.pad(flat, ((0, fill),) + ((0, 0),) * (flat.ndim - 1)).reshape((-1, chunk_tokens) + x.shape[2:])
 
 
 def _unchunk(values: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -64,23 +61,23 @@ def _unchunk(values: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk_tokens: int) -> jax.Array:
     """Each token's cross-entropy (rows, seq), `chunk_tokens` tokens at a time."""
-    flat_hidden, flat_targets = _chunks(hidden, targets, chunk_tokens)
-    losses = jax.lax.map(lambda pair: _chunk_losses(head, *pair), (flat_hidden, flat_targets))
+    losses = jax.lax.map(lambda pair: _chunk_losses(head, *pair), (_chunks(hidden, chunk_tokens),
+                                                                   _chunks(targets, chunk_tokens)))
     return _unchunk(losses, targets.shape)
 
 
 def _chunked_cross_entropy_fwd(hidden, head, targets, chunk_tokens):
-    """The losses, and each token's hidden-state gradient kept for the backward pass."""
-    flat_hidden, flat_targets = _chunks(hidden, targets, chunk_tokens)
+    """The losses, and each token's hidden-state gradient kept for the backward pass (with the chunks, for the
+    head's gradient)."""
+    flat_hidden, flat_targets = _chunks(hidden, chunk_tokens), _chunks(targets, chunk_tokens)
     losses, grads = jax.lax.map(lambda pair: _chunk_losses_and_hidden_grads(head, *pair), (flat_hidden, flat_targets))
-    return _unchunk(losses, targets.shape), (hidden, head, targets, _unchunk(grads, targets.shape))
+    return _unchunk(losses, targets.shape), (flat_hidden, head, flat_targets, _unchunk(grads, targets.shape))
 
 
 def _chunked_cross_entropy_bwd(chunk_tokens, residuals, cotangent):
     """Hidden states' cotangents from the kept gradients; the head's from recomputed logits, chunk by chunk."""
-    hidden, head, targets, grads = residuals
-    flat_hidden, flat_targets = _chunks(hidden, targets, chunk_tokens)
-    flat_cotangent, _ = _chunks(cotangent[..., None], targets, chunk_tokens)
+    flat_hidden, head, flat_targets, grads = residuals
+    flat_cotangent = _chunks(cotangent[..., None], chunk_tokens)
 
     def head_grad(total, chunk):
         x, t, g = chunk
@@ -89,7 +86,7 @@ def _chunked_cross_entropy_bwd(chunk_tokens, residuals, cotangent):
 
     head_cotangent, _ = jax.lax.scan(head_grad, jnp.zeros(head.shape, jnp.float32),
                                      (flat_hidden, flat_targets, flat_cotangent))
-    hidden_cotangent = (cotangent[..., None] * grads).astype(hidden.dtype)
+    hidden_cotangent = (cotangent[..., None] * grads).astype(grads.dtype)
     return hidden_cotangent, head_cotangent.astype(head.dtype), None
 
 
