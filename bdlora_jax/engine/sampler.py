@@ -155,25 +155,25 @@ def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _identity(x: jax.Array) -> jax.Array:
+    """top_candidates' default map: the logits as they are."""
     return x
 
 
-def top_candidates(x: jax.Array, k: int, monotone=_identity) -> tuple[jax.Array, jax.Array]:
+def top_candidates(x: jax.Array, k: int, monotone=_identity, chunk_max: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
     """Exact lax.top_k(monotone(x), k) (values descending, lower index first on ties) without a pass of top_k over
-    the vocabulary; monotone: an elementwise map, non-decreasing in each row, applied only to what is read.
+    the vocabulary; monotone: an elementwise map, non-decreasing in each row, applied only to what is read;
+    chunk_max: x's chunk maxima where the caller has them already.
 
     The k largest entries lie in the k chunks with the largest maxima, so top_k runs on those chunks' maxima and
-    then on the k·CHUNK entries they hold, kept in vocabulary order so ties still resolve to the lower index.
+    then on the k·CHUNK entries they hold, kept in vocabulary order so ties still resolve to the lower index. A
+    non-decreasing map commutes with max, rounding included, so monotone(chunk_max) are monotone(x)'s chunk maxima.
     """
     if x.shape[-1] <= k * CHUNK:
         return _top_k(monotone(x), k)
     chunks = _chunked(x, -jnp.inf)
-    return _top_candidates_of_chunks(chunks, jnp.max(chunks, axis=-1), k, monotone)
-
-
-def _top_candidates_of_chunks(chunks: jax.Array, chunk_max: jax.Array, k: int, monotone):
-    """top_candidates from x's chunks and their maxima. A non-decreasing map commutes with max, rounding included, so
-    monotone(chunk_max) are the chunk maxima of monotone(x)."""
+    if chunk_max is None:
+        chunk_max = jnp.max(chunks, axis=-1)
     rows = chunks.shape[0]
     _, chosen = _top_k(monotone(chunk_max), k)
     chosen = jnp.sort(chosen, axis=-1)
@@ -233,8 +233,8 @@ def _draw_sorted(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, u: jax.A
     return jnp.take_along_axis(order, position[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def _draw(logits: jax.Array, chunks: jax.Array, chunk_max: jax.Array, temperature: jax.Array, top_p: jax.Array,
-          top_k: jax.Array, keys: jax.Array):
+def _draw(logits: jax.Array, chunk_max: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
+          keys: jax.Array):
     """Each sampling row's token by the cheapest exact path for that row; a path runs only if some row needs it.
 
     The scaled logits are never written out whole: each path scales what it reads (in the candidates' case, the
@@ -251,11 +251,7 @@ def _draw(logits: jax.Array, chunks: jax.Array, chunk_max: jax.Array, temperatur
     u = jax.vmap(lambda key: jax.random.uniform(key, ()))(jax.random.wrap_key_data(keys))
     sampling = temperature > 0
     unfiltered = (top_k == 0) & (top_p >= 1)
-    k = min(CANDIDATES, logits.shape[-1])
-    if logits.shape[-1] <= k * CHUNK:
-        values, index = _top_k(scale(logits), k)
-    else:
-        values, index = _top_candidates_of_chunks(chunks, chunk_max, k, scale)
+    values, index = top_candidates(logits, min(CANDIDATES, logits.shape[-1]), scale, chunk_max)
     zeros = jnp.zeros((rows,), jnp.float32)
     # materialised once: fused into its (rows, k) consumers, the vocabulary-wide sum would be redone per candidate
     vocabulary_log_total = jax.lax.cond(jnp.any(sampling & (top_k == 0) & (top_p < 1)),
@@ -286,7 +282,7 @@ def sample(
     greedy = _first_argmax(chunks, chunk_max)
 
     def draw_or_greedy():
-        return jnp.where(temperature == 0, greedy, _draw(logits, chunks, chunk_max, temperature, top_p, top_k, keys))
+        return jnp.where(temperature == 0, greedy, _draw(logits, chunk_max, temperature, top_p, top_k, keys))
 
     return jax.lax.cond(jnp.any(temperature > 0), draw_or_greedy, lambda: greedy)
 
