@@ -218,10 +218,12 @@ class DecoderLayer(nnx.Module):
         scale = cfg.head_dim ** -0.5
         groups = cfg.num_heads // cfg.num_kv_heads
         if self.plan.kv_replicated:
-            key_axes = ("batch", "q_heads", "head_dim", None) if keys_transposed else ("batch", "q_heads", None,
-                                                                                       "head_dim")
-            keys = self._constrain(jnp.repeat(keys, groups, axis=1), key_axes)
-            values = self._constrain(jnp.repeat(values, groups, axis=1), ("batch", "q_heads", None, "head_dim"))
+            def per_query_head(axes):
+                return tuple("q_heads" if axis == "kv_heads" else axis for axis in axes)
+
+            key_axes = KEY_CACHE_AXES if keys_transposed else VALUE_CACHE_AXES  # keys untransposed: the values' order
+            keys = self._constrain(jnp.repeat(keys, groups, axis=1), per_query_head(key_axes))
+            values = self._constrain(jnp.repeat(values, groups, axis=1), per_query_head(VALUE_CACHE_AXES))
             grouped = q[:, :, :, None]  # every query head its own (repeated) kv head
         else:
             grouped = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
