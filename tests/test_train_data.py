@@ -46,7 +46,9 @@ def test_bad_token_id_rows_name_the_file_line_and_field(tmp_path, row, message):
         read_jsonl(path, None, None, None, 16, vocab_size=260)
 
 
-def test_a_model_without_a_tokenizer_trains_and_exports_token_id_datasets(tmp_path):
+@pytest.mark.parametrize("mesh,strategy", [("1x1", "replicated"), ("1x8", "replicated"), ("1x8", "slora"),
+                                           ("1x8", "bdlora")])
+def test_a_model_without_a_tokenizer_trains_and_exports_token_id_datasets(tmp_path, mesh, strategy):
     model = tmp_path / "model"
     shutil.copytree(FIXTURES / "model", model, ignore=shutil.ignore_patterns("tokenizer.json"))
     rng = np.random.default_rng(0)
@@ -55,7 +57,7 @@ def test_a_model_without_a_tokenizer_trains_and_exports_token_id_datasets(tmp_pa
         rows = [{"input_ids": (offset + rng.integers(0, 20, 12)).tolist()} for _ in range(40)]
         rows += [{"input_ids": [offset + 1, offset + 2, offset + 3], "labels": [-100, offset + 2, offset + 3]}]
         data[name] = str(_write(tmp_path / f"{name}.jsonl", rows))
-    cfg = TrainConfig(model=str(model), adapters=data, rank=4, batch_size=4, seq_len=16, steps=8,
+    cfg = TrainConfig(model=str(model), adapters=data, mesh=mesh, strategy=strategy, rank=8, batch_size=4, seq_len=16, steps=8,
                       learning_rate=1e-2, warmup_steps=1, eval_fraction=0.1, save_every=100,
                       out_dir=str(tmp_path / "run"))
     trainer = Trainer(cfg)
@@ -68,7 +70,7 @@ def test_a_model_without_a_tokenizer_trains_and_exports_token_id_datasets(tmp_pa
     paths = trainer.export()
     assert sorted(paths) == ["high", "low"]
     adapter = read_adapter(paths["low"], trainer.model_config)
-    assert adapter.rank == 4 and any(np.abs(m.b).max() > 0 for m in adapter.modules.values())
+    assert adapter.rank == 8 and any(np.abs(m.b).max() > 0 for m in adapter.modules.values())
 
 
 def test_packed_streams_take_every_example_once_an_epoch_and_depend_only_on_the_step():

@@ -52,6 +52,8 @@ def _checkpoint_steps(out):
 
 
 @pytest.mark.parametrize("mesh,strategy,keep_last,kept", [("1x1", "replicated", 10, [3, 5, 6, 8]),
+                                                          ("1x8", "replicated", 2, [6, 8]),
+                                                          ("1x8", "slora", 10, [3, 5, 6, 8]),
                                                           ("1x8", "bdlora", 2, [6, 8])])
 def test_the_step_compiles_once_and_saves_on_save_every_and_at_the_end(datasets, tmp_path, mesh, strategy,
                                                                        keep_last, kept):
@@ -115,7 +117,7 @@ def test_a_packed_batch_gives_each_example_its_padded_loss_and_gradients(packed_
     _assert_close(from_packed, from_padded)
 
 
-@pytest.mark.parametrize("mesh,strategy", [("1x1", "replicated"), ("1x8", "bdlora")])
+@pytest.mark.parametrize("mesh,strategy", MESH_STRATEGIES)
 def test_the_chunked_cross_entropy_gives_the_whole_loss_and_gradients(datasets, tmp_path, mesh, strategy):
     whole = Trainer(_config(datasets, tmp_path / "whole", mesh=mesh, strategy=strategy, packing=True))
     chunked = Trainer(_config(datasets, tmp_path / "chunked", mesh=mesh, strategy=strategy, packing=True, loss_chunk_tokens=7))
