@@ -219,11 +219,12 @@ def work_items(group_sizes: jax.Array, tokens: int, block_m: int) -> tuple[jax.A
     """(group, start, end) of every row tile: each group is cut into tiles of block_m sorted positions.
 
     A group of n tokens takes cdiv(n, block_m) tiles, so all groups together take at most
-    cdiv(T, block_m) + min(G, T) - 1; the grid has that many programs and the unused ones get an empty
-    range on group 0 (they store nothing and return). With one group per slot, the group is the slot.
+    cdiv(T, block_m) + min(G, T) - 1 (T when block_m is 1: no tile is partial); the grid has that many programs
+    and the unused ones get an empty range on group 0 (they store nothing and return). With one group per slot,
+    the group is the slot.
     """
     num_slots = group_sizes.shape[0]
-    items = pl.cdiv(tokens, block_m) + min(num_slots, tokens) - 1
+    items = tokens if block_m == 1 else pl.cdiv(tokens, block_m) + min(num_slots, tokens) - 1
     tiles = (group_sizes + block_m - 1) // block_m
     tile_end = jnp.cumsum(tiles)
     group_end = jnp.cumsum(group_sizes)
