@@ -54,6 +54,8 @@ KV_AXES = ("kv_heads", "kv_lora_rank", "kv_lora_block")
 # middle axis, which XLA vectorises along positions; values keep positions before head_dim for the same reason.
 KEY_CACHE_AXES = ("batch", "kv_heads", "head_dim", None)
 VALUE_CACHE_AXES = ("batch", "kv_heads", None, "head_dim")
+# A paged cache's key and value pages (num_pages, kv_heads, page_size, head_dim): one pool, split by kv heads only
+PAGE_AXES = (None, "kv_heads", None, "head_dim")
 
 # The base axis of each adapted module's sharded side: column modules' output, row modules' input.
 COLUMN_OUT = {"q_proj": "q_heads", "k_proj": "kv_heads", "v_proj": "kv_heads", "gate_proj": "mlp", "up_proj": "mlp"}

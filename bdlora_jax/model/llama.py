@@ -2,6 +2,8 @@
 
 One forward serves full-sequence scoring, prefill and one-token decode: tokens (batch, seq) start at
 `start` (batch,) and, when a KV cache is given, are written into it and attend to everything before them.
+`Llama.ragged` runs one ragged step over a paged KV cache instead: any mix of requests' decode tokens and prompt
+chunks, each token with its own adapter slot, its keys and values written into its request's pages.
 Every parameter is an nnx.Param carrying `logical_axes`; the ShardingPlan turns those into placements.
 Linear layers run as shard_map blocks (adapters/linear.py) so the adapter collectives are exactly the
 strategy's; attention, norms and embeddings are left to GSPMD.
@@ -23,11 +25,21 @@ from ..adapters.linear import LinearSpecs, adapted_linear
 from ..adapters.operands import CompressedOperand, LoraOperand
 from ..adapters.routing import Routing, route_blocks, route_shard
 from ..config import LORA_MODULES, ModelConfig
-from ..sharding import KEY_CACHE_AXES, VALUE_CACHE_AXES, ShardingPlan, compressed_axes, factor_axes, weight_axes
+from ..sharding import (
+    KEY_CACHE_AXES,
+    PAGE_AXES,
+    VALUE_CACHE_AXES,
+    ShardingPlan,
+    compressed_axes,
+    factor_axes,
+    weight_axes,
+)
 from .attention import block_causal_attention, reference_attention
+from .paged_attention import paged_attention
 
 Bank = dict[str, tuple[jax.Array, jax.Array]]
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+PagedKV = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (key pages, value pages), PAGE_AXES each
 QUERY_BLOCK = 64  # queries per block of attention without a cache (measured fastest on CPU at 128 and 256 tokens)
 
 
@@ -51,6 +63,37 @@ class AdapterBatch(NamedTuple):
     sigma_ids: jax.Array | None = None
     groups: jax.Array | None = None
     row_block: int | None = None
+
+
+class RaggedBatch(NamedTuple):
+    """Where one ragged step's tokens go in a paged KV cache (layouts in model/paged_attention.py): each request's
+    page table (R, pages_per_request), its tokens in the cache once this step is written (R,), and its query tokens
+    this step (R,). The step's tokens are the requests' query tokens back to back, then padding."""
+
+    page_tables: jax.Array
+    kv_lens: jax.Array
+    q_lens: jax.Array
+
+
+class TokenPlaces(NamedTuple):
+    """Each token of a ragged step: its position in its request, and the page and offset its keys and values go to
+    (page num_pages for a padding token: its write is dropped)."""
+
+    positions: jax.Array
+    pages: jax.Array
+    offsets: jax.Array
+
+
+def token_places(batch: RaggedBatch, tokens: int, page_size: int, num_pages: int) -> TokenPlaces:
+    """The TokenPlaces of a ragged step of `tokens` tokens (padding included)."""
+    ends = jnp.cumsum(batch.q_lens)
+    index = jnp.arange(tokens, dtype=jnp.int32)
+    request = jnp.searchsorted(ends, index, side="right")
+    real = request < batch.q_lens.shape[0]
+    request = jnp.minimum(request, batch.q_lens.shape[0] - 1)
+    positions = jnp.where(real, batch.kv_lens[request] - ends[request] + index, 0).astype(jnp.int32)
+    pages = jnp.where(real, batch.page_tables[request, positions // page_size], num_pages)
+    return TokenPlaces(positions, pages.astype(jnp.int32), (positions % page_size).astype(jnp.int32))
 
 
 def slot_groups(slots, num_groups: int) -> np.ndarray:
@@ -178,14 +221,39 @@ class DecoderLayer(nnx.Module):
     def _constrain(self, x: jax.Array, axes: tuple) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.plan.sharding(axes))
 
-    def attention(self, x, positions, inv_freq, cache, start, adapters, routing, segment_ids=None):
+    def _projections(self, x, positions, inv_freq, adapters, routing):
+        """q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads, head_dim), q and k rotated."""
         cfg, layer = self.config, self.index
         batch, seq = x.shape[:2]
         q = self.attn.apply("q_proj", x, layer, adapters, routing).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
         k = self.attn.apply("k_proj", x, layer, adapters, routing).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
         v = self.attn.apply("v_proj", x, layer, adapters, routing).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def attend_pages(self, x, places: TokenPlaces, inv_freq, pages, batch: RaggedBatch, adapters, routing,
+                        query_block: int):
+        """Attention of a ragged step's tokens (rows of one token) through the layer's pages, which get this step's
+        keys and values first; returns (o_proj output, the layer's new pages)."""
+        cfg = self.config
+        tokens = x.shape[0]
+        q, k, v = self._projections(x, places.positions[:, None], inv_freq, adapters, routing)
+
+        def write(pool, new):
+            pool = pool.at[places.pages, :, places.offsets].set(new[:, 0].astype(pool.dtype), mode="drop")
+            return self._constrain(pool, PAGE_AXES)
+
+        pages = (write(pages[0], k), write(pages[1], v))
+        groups = cfg.num_heads // cfg.num_kv_heads
+        grouped = q.reshape(tokens, cfg.num_kv_heads, groups, cfg.head_dim)
+        out = paged_attention(grouped, *pages, batch.page_tables, batch.kv_lens, batch.q_lens,
+                              scale=cfg.head_dim ** -0.5, block=query_block)
+        out = out.astype(x.dtype).reshape(tokens, 1, cfg.q_dim)
+        return self.attn.apply("o_proj", out, self.index, adapters, routing), pages
+
+    def attention(self, x, positions, inv_freq, cache, start, adapters, routing, segment_ids=None):
+        cfg, layer = self.config, self.index
+        batch, seq = x.shape[:2]
+        q, k, v = self._projections(x, positions, inv_freq, adapters, routing)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (batch, kv_heads, seq, head_dim)
         if cache is None:
             keys, values, key_positions = k, v, positions
@@ -253,12 +321,21 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, positions, inv_freq, cache, start, adapters, routing, segment_ids=None):
         h, cache = self.attention(self.input_norm(x), positions, inv_freq, cache, start, adapters, routing,
                                   segment_ids)
-        x = x + h
+        return self._mlp_block(x + h, adapters, routing), cache
+
+    def ragged(self, x, places, inv_freq, pages, batch, adapters, routing, query_block):
+        """The layer over a ragged step's tokens (rows of one token) through its paged KV cache."""
+        h, pages = self.attend_pages(self.input_norm(x), places, inv_freq, pages, batch, adapters, routing,
+                                        query_block)
+        return self._mlp_block(x + h, adapters, routing), pages
+
+    def _mlp_block(self, x, adapters, routing):
+        """x plus the SwiGLU MLP of its post-attention norm."""
         y = self.post_attention_norm(x)
         gate = self.mlp.apply("gate_proj", y, self.index, adapters, routing)
         up = self.mlp.apply("up_proj", y, self.index, adapters, routing)
         hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(y.dtype)
-        return x + self.mlp.apply("down_proj", hidden, self.index, adapters, routing), cache
+        return x + self.mlp.apply("down_proj", hidden, self.index, adapters, routing)
 
 
 class Llama(nnx.Module):
@@ -289,6 +366,28 @@ class Llama(nnx.Module):
         logits = jnp.einsum("bsd,dv->bsv", x, self.head_weight(), preferred_element_type=jnp.float32)
         logits = jax.lax.with_sharding_constraint(logits, self.plan.sharding(("batch", "seq", "vocab")))
         return logits, new_cache
+
+    def ragged(self, tokens: jax.Array, pages: PagedKV, batch: RaggedBatch, adapters: AdapterBatch | None = None,
+               query_block: int = 16) -> tuple[jax.Array, PagedKV]:
+        """Logits (T, vocab) in float32 of a ragged step's tokens (T,) and the new pages: each token's keys and
+        values go into its request's pages, and it attends to its request's keys up to its own position.
+
+        adapters.slots (and clusters, Σ ids) are per token; padding tokens past the requests' get logits too, from
+        nothing that a request reads; `query_block` tokens of one request share one gather of its pages."""
+        plan = self.plan
+        num_pages, _, page_size, _ = pages[0][0].shape
+        places = token_places(batch, tokens.shape[0], page_size, num_pages)
+        inv_freq = rope_frequencies(self.config)
+        x = jnp.take(self.embed[...], tokens, axis=0)[:, None]
+        x = jax.lax.with_sharding_constraint(x, plan.sharding(("batch", "seq", "embed")))
+        routing = None if adapters is None else route(adapters, 1, plan, self.lora_impl != "xla")
+        new_pages = []
+        for layer, layer_pages in zip(self.layers, pages):
+            x, layer_pages = layer.ragged(x, places, inv_freq, layer_pages, batch, adapters, routing, query_block)
+            new_pages.append(layer_pages)
+        logits = jnp.einsum("bsd,dv->bsv", self.norm(x), self.head_weight(), preferred_element_type=jnp.float32)
+        logits = jax.lax.with_sharding_constraint(logits, plan.sharding(("batch", "seq", "vocab")))
+        return logits[:, 0], tuple(new_pages)
 
     def head_weight(self) -> jax.Array:
         """The LM head (hidden, vocab): the embeddings transposed when tied."""
@@ -359,6 +458,15 @@ def init_cache(config: ModelConfig, plan: ShardingPlan, batch: int, max_seq_len:
     return make()
 
 
+def init_pages(config: ModelConfig, plan: ShardingPlan, num_pages: int, page_size: int, dtype=jnp.float32) -> PagedKV:
+    """A zero paged KV cache: per layer, key and value pools of num_pages pages of page_size tokens, split by kv heads."""
+    shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
+    sharding = plan.sharding(PAGE_AXES)
+    make = jax.jit(lambda: tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)),
+                   out_shardings=tuple((sharding, sharding) for _ in range(config.num_layers)))
+    return make()
+
+
 def abstract_cache(config: ModelConfig, plan: ShardingPlan, batch: int, max_seq_len: int, dtype=jnp.float32) -> KVCache:
     """Shapes and shardings of a KV cache without allocating it."""
     leaves = tuple(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=plan.sharding(axes))
@@ -369,6 +477,11 @@ def abstract_cache(config: ModelConfig, plan: ShardingPlan, batch: int, max_seq_
 def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, start, cache=None, adapters=None):
     """Functional entry point for jit: rebuild the module from its state and run it."""
     return nnx.merge(graphdef, state)(tokens, start, cache, adapters)
+
+
+def ragged_forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, pages, batch, adapters=None, query_block=16):
+    """Functional entry point of Llama.ragged for jit (query_block static)."""
+    return nnx.merge(graphdef, state).ragged(tokens, pages, batch, adapters, query_block)
 
 
 def forward_hidden(graphdef: nnx.GraphDef, state: nnx.State, tokens, start, adapters=None, segment_ids=None,
