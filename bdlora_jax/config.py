@@ -74,6 +74,9 @@ class ModelConfig:
         }[module]
 
 
+KV_CACHES = ("contiguous", "paged")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Limits and layout of one serving/inference engine."""
@@ -86,15 +89,23 @@ class EngineConfig:
     max_seq_len: int = 512
     dtype: str = "float32"
     lora_impl: str = "auto"
+    kv_cache: str = "contiguous"  # "paged": a pool of pages and ragged steps mixing prompt chunks with decode tokens
+    page_size: int = 16  # tokens per page (kv_cache "paged")
+    num_pages: int | None = None  # pages per layer; None: as many tokens as max_batch x max_seq_len
+    max_num_batched_tokens: int = 256  # tokens of one ragged step (kv_cache "paged")
 
     def __post_init__(self) -> None:
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache={self.kv_cache!r}: expected one of {KV_CACHES}")
+        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 1):
+            raise ValueError(f"num_pages={self.num_pages!r}: expected a positive integer or None")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
         if self.lora_impl not in LORA_IMPLS:
             raise ValueError(f"lora_impl={self.lora_impl!r}: expected one of {LORA_IMPLS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {DTYPES}")
-        for field in ("max_loras", "max_lora_rank", "max_batch", "max_seq_len"):
+        for field in ("max_loras", "max_lora_rank", "max_batch", "max_seq_len", "page_size", "max_num_batched_tokens"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field}={value!r}: expected a positive integer")

@@ -33,6 +33,7 @@ from ..model.llama import forward
 from ..sharding import make_plan
 from .adapter_pool import AdapterPool
 from .generator import Completion, Generator, Request, adapter_batch
+from .paged_generator import PagedGenerator
 from .sampler import SamplingParams
 
 
@@ -73,13 +74,16 @@ class Engine:
         dtype: str = "float32",
         lora_impl: str = "auto",
         compressed_bank: str | Path | None = None,
+        **paging,
     ) -> Engine:
         """Load a HF Llama directory (or "demo": the small Llama shipped in the package) onto a "DxM" mesh.
 
-        compressed_bank: a compressed-bank directory (bdlora_jax.compress) whose adapters are served by name.
+        compressed_bank: a compressed-bank directory (bdlora_jax.compress) whose adapters are served by name;
+        paging: EngineConfig's kv_cache, page_size, num_pages and max_num_batched_tokens.
         """
         config = EngineConfig(mesh=mesh, strategy=strategy, max_loras=max_loras, max_lora_rank=max_lora_rank,
-                              max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype, lora_impl=lora_impl)
+                              max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype, lora_impl=lora_impl,
+                              **paging)
         demo = is_demo_model(path)
         path = resolve_model_path(path)
         model_config, tokenizer = load_model_config(path), load_tokenizer(path)
@@ -182,7 +186,7 @@ class Engine:
     def generator(self) -> Generator:
         """The decode state of max_batch rows (allocated on first use); Engine.generate and the Scheduler drive it."""
         if self._generator is None:
-            self._generator = Generator(self)
+            self._generator = PagedGenerator(self) if self.config.kv_cache == "paged" else Generator(self)
         return self._generator
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:

@@ -151,19 +151,13 @@ class Generator:
 
     def __init__(self, engine):
         self.engine = engine
-        cfg, plan = engine.model_config, engine.plan
-        data = plan.data_size
+        data = engine.plan.data_size
         self.rows = -(-engine.config.max_batch // data) * data
         self.max_seq_len = engine.config.max_seq_len
-        dtype = jnp.dtype(engine.config.dtype)
-        self.cache = init_cache(cfg, plan, self.rows, self.max_seq_len, dtype)
-        self._cache_dtype = dtype
+        self._cache_dtype = jnp.dtype(engine.config.dtype)
         self.max_loras = engine.config.max_loras
-        self.prefill_sizes = geometric_sizes(data, self.rows, 4)
         self.group_sizes = geometric_sizes(1, max(1, min(self.max_loras, self.rows)), 2)
-        self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=(1,))
-        self._decode_jit = jax.jit(self._decode_fn, donate_argnums=(1,))
-        self._decode_base_jit = jax.jit(self._decode_base_fn, donate_argnums=(1,))
+        self._init_kv_cache()
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
         self.adapter_errors: dict[int, AdapterError] = {}  # schedule's refusals, by request id, until step ends them
@@ -177,6 +171,15 @@ class Generator:
         # per decode row: the prompt's tokens and how often each token was generated (kept for the penalties)
         self.seen = jnp.zeros((self.rows, vocab), bool)
         self.counts = jnp.zeros((self.rows, vocab), jnp.int32)
+
+    def _init_kv_cache(self) -> None:
+        """The contiguous KV cache of `rows` rows of max_seq_len tokens, and the jitted calls that use it."""
+        cfg, plan = self.engine.model_config, self.engine.plan
+        self.cache = init_cache(cfg, plan, self.rows, self.max_seq_len, self._cache_dtype)
+        self.prefill_sizes = geometric_sizes(plan.data_size, self.rows, 4)
+        self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._decode_jit = jax.jit(self._decode_fn, donate_argnums=(1,))
+        self._decode_base_jit = jax.jit(self._decode_base_fn, donate_argnums=(1,))
 
     def prefill_batches(self, length_bucket: int) -> list[int]:
         """Prompt counts a prefill call of this length bucket is compiled for (at most MAX_PREFILL_TOKENS tokens,

@@ -43,10 +43,12 @@ def history(seen: jax.Array, counts: jax.Array, rows: jax.Array) -> tuple[jax.Ar
     return seen.at[rows].get(mode="fill", fill_value=False), counts.at[rows].get(mode="fill", fill_value=0)
 
 
-def reset_rows(seen: jax.Array, counts: jax.Array, rows: jax.Array, prompt_seen: jax.Array):
-    """Start the history of newly admitted rows: their prompt's tokens seen, nothing generated (rows past the end:
-    skipped)."""
-    return seen.at[rows].set(prompt_seen, mode="drop"), counts.at[rows].set(0, mode="drop")
+def reset_rows(seen: jax.Array, counts: jax.Array, rows: jax.Array, prompt_seen: jax.Array,
+               generated: jax.Array | None = None):
+    """Start the history of newly admitted rows: their prompt's tokens seen, and nothing generated, or `generated`
+    (rows, vocab) counts for a request that resumes with tokens already out (rows past the end: skipped)."""
+    return seen.at[rows].set(prompt_seen, mode="drop"), counts.at[rows].set(0 if generated is None else generated,
+                                                                             mode="drop")
 
 
 def record_tokens(counts: jax.Array, rows: jax.Array, tokens: jax.Array) -> jax.Array:

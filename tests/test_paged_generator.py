@@ -1,0 +1,139 @@
+"""The paged generator: ragged steps that mix prompt chunks with decode tokens give the contiguous cache's
+completions (greedy, mixed adapters, penalties), a pool too small for every request preempts and recomputes with
+the same completions, cancelled and finished requests return their pages, and after warm-up nothing compiles."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from helpers import FIXTURE_ADAPTERS
+
+from bdlora_jax import Engine
+from bdlora_jax.engine.generator import Request
+from bdlora_jax.engine.metrics import CompileCounter
+from bdlora_jax.engine.page_pool import PagePool
+from bdlora_jax.engine.paged_generator import PagedGenerator
+from bdlora_jax.engine.sampler import SamplingParams
+
+pytestmark = pytest.mark.xdist_group("paged_generator")  # one worker builds the module's engines once
+
+LENGTHS = (3, 17, 9, 30, 12, 5, 21, 16, 40, 7)
+ADAPTERS = [None, "lora_r8", "bdlora_nb2_r8", "lora_rs_r4_qv", None, "bdlora_nb4_r8", "lora_r8", "bdlora_nb2_r8",
+            "lora_rs_r4_qv", None]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+PENALISED = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5,
+                           frequency_penalty=0.4, logit_bias=((7, 3.0),))
+
+
+def _engine(hf_dir, mesh="1x2", strategy="bdlora", **paging) -> Engine:
+    eng = Engine.from_pretrained(hf_dir / "model", mesh=mesh, strategy=strategy, max_loras=4, max_lora_rank=16,
+                                 max_batch=6, max_seq_len=64, **paging)
+    for name in FIXTURE_ADAPTERS:
+        eng.add_adapter(name, hf_dir / "adapters" / name)
+    return eng
+
+
+def _requests(vocab: int) -> list[Request]:
+    rng = np.random.default_rng(0)
+    return [Request(list(map(int, rng.integers(1, vocab, n))), adapter, PENALISED if i % 3 == 2 else GREEDY)
+            for i, (n, adapter) in enumerate(zip(LENGTHS, ADAPTERS))]
+
+
+@pytest.fixture(scope="module")
+def contiguous_outputs(hf_dir):
+    eng = _engine(hf_dir)
+    return [r.output for r in eng.generator.run(_requests(eng.model_config.vocab_size))]
+
+
+def test_the_page_pool_grows_a_requests_pages_and_takes_them_back():
+    pool = PagePool(5, 4)
+    first, second = [], []
+    assert pool.grow(first, 9) and first == [0, 1, 2] and pool.free == 2
+    assert pool.grow(first, 12) and len(first) == 3  # still three pages
+    assert not pool.grow(second, 12) and second == [] and pool.free == 2  # three pages needed, two free: none taken
+    assert pool.grow(second, 8) and pool.used == 5
+    pool.release(first)
+    assert first == [] and pool.free == 3 and pool.pages_for(13) == 4
+
+
+@pytest.mark.parametrize("mesh,strategy,budget", [("1x2", "bdlora", 16), ("1x8", "slora", 40),
+                                                 ("2x4", "replicated", 16)])
+def test_ragged_steps_with_chunked_prefill_give_the_contiguous_caches_completions(hf_dir, contiguous_outputs,
+                                                                                  mesh, strategy, budget):
+    eng = _engine(hf_dir, mesh=mesh, strategy=strategy, kv_cache="paged", page_size=4, max_num_batched_tokens=budget)
+    gen = eng.generator
+    assert isinstance(gen, PagedGenerator)
+    requests = _requests(eng.model_config.vocab_size)
+    mixed_steps = []
+    for request in requests:
+        gen.submit(request)
+    while gen.has_work():
+        before = {row: gen.progress[row].computed for row in gen.running}
+        prefilling = [row for row, r in gen.running.items() if gen.progress[row].computed < len(r.prompt)]
+        decoding = [row for row, r in gen.running.items() if gen.progress[row].computed >= len(r.prompt)]
+        gen.step()
+        mixed_steps.append(bool(prefilling and decoding) and any(row in gen.progress and
+                                                                    gen.progress[row].computed > before[row]
+                                                                    for row in prefilling))
+    assert any(mixed_steps)  # some step fed a prompt chunk beside decode tokens
+    assert [r.output for r in requests] == contiguous_outputs
+    assert gen.pages_used == 0 and gen.preemptions == 0
+
+
+def test_a_pool_too_small_for_every_request_preempts_and_recomputes_the_same_completions(hf_dir):
+    """Every request penalises repeats, so a request recomputed after its first tokens must count them again."""
+    outputs = []
+    for paging in ({}, dict(kv_cache="paged", page_size=4, num_pages=24, max_num_batched_tokens=64)):
+        eng = _engine(hf_dir, **paging)
+        requests = [dataclasses.replace(r, params=PENALISED) for r in _requests(eng.model_config.vocab_size)]
+        eng.generator.run(requests)
+        outputs.append([r.output for r in requests])
+    assert eng.generator.preemptions > 0
+    assert outputs[1] == outputs[0]
+    assert eng.generator.pages_used == 0
+
+
+def test_a_request_longer_than_the_whole_pool_fails_alone(hf_dir):
+    eng = _engine(hf_dir, kv_cache="paged", page_size=4, num_pages=8)
+    long = Request(list(range(1, 30)), None, GREEDY)  # 29 + 12 tokens: 11 pages of 4
+    short = Request([1, 2, 3], None, GREEDY)
+    eng.generator.run([long, short])
+    assert long.finish_reason == "error" and "exceeds the KV cache's 32 tokens" in long.error.message
+    assert short.finish_reason == "length" and len(short.output) == 12
+
+
+def test_cancelled_and_finished_requests_return_their_pages(hf_dir):
+    eng = _engine(hf_dir, kv_cache="paged", page_size=4)
+    gen = eng.generator
+    requests = _requests(eng.model_config.vocab_size)[:4]
+    for request in requests:
+        gen.submit(request)
+    for _ in range(3):
+        gen.step()
+    assert gen.pages_used > 0
+    held = {id(r): len(gen.progress[row].pages) for row, r in gen.running.items()}
+    victim = next(iter(gen.running.values()))
+    victim.cancelled = True
+    used = gen.pages_used
+    gen.step()
+    assert victim.finish_reason == "abort" and victim not in gen.running.values()
+    assert gen.pages_used <= used - held[id(victim)] + len(gen.running)  # its pages back; others grew a page at most
+    while gen.has_work():
+        gen.step()
+    assert gen.pages_used == 0
+
+
+def test_no_compilation_after_warm_up_in_a_mixed_paged_run(hf_dir):
+    CompileCounter.install()
+    eng = _engine(hf_dir, kv_cache="paged", page_size=4, num_pages=40, max_num_batched_tokens=32)
+    eng.pool.warm_up()
+    eng.generator.warm_up()
+    before = CompileCounter.count()
+    params = [GREEDY, PENALISED, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=7),
+              SamplingParams(temperature=1.0, top_k=20, max_tokens=4, logprobs=2),
+              SamplingParams(temperature=0.7, max_tokens=6, min_tokens=4)]
+    requests = [dataclasses.replace(r, params=dataclasses.replace(params[i % len(params)], ignore_eos=True))
+                for i, r in enumerate(_requests(eng.model_config.vocab_size) * 2)]
+    eng.generator.run(requests)
+    assert all(r.finish_reason == "length" for r in requests)
+    assert CompileCounter.count() == before
