@@ -91,7 +91,8 @@ class EngineConfig:
     lora_impl: str = "auto"
     kv_cache: str = "contiguous"  # "paged": a pool of pages and ragged steps mixing prompt chunks with decode tokens
     page_size: int = 16  # tokens per page (kv_cache "paged")
-    num_pages: int | None = None  # pages per layer; None: as many tokens as max_batch x max_seq_len
+    num_pages: int | None = None  # pages per layer; None: from kv_cache_memory, else max_batch x max_seq_len tokens
+    kv_cache_memory: float | None = None  # bytes of each device for the pages, or a fraction (< 1) of its free memory
     max_num_batched_tokens: int = 256  # tokens of one ragged step (kv_cache "paged")
 
     def __post_init__(self) -> None:
@@ -99,6 +100,17 @@ class EngineConfig:
             raise ValueError(f"kv_cache={self.kv_cache!r}: expected one of {KV_CACHES}")
         if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 1):
             raise ValueError(f"num_pages={self.num_pages!r}: expected a positive integer or None")
+        if self.num_pages is not None and self.kv_cache_memory is not None:
+            raise ValueError("num_pages and kv_cache_memory both set: expected one way of sizing the page pool")
+        if self.kv_cache_memory is not None and not self.kv_cache_memory > 0:
+            raise ValueError(f"kv_cache_memory={self.kv_cache_memory!r}: expected bytes (>= 1) or a fraction in (0, 1)")
+        if self.num_pages is not None and self.num_pages * self.page_size < self.max_seq_len:
+            raise ValueError(f"num_pages={self.num_pages}: {self.num_pages} pages of {self.page_size} tokens cannot "
+                             f"hold one request of max_seq_len={self.max_seq_len} tokens; expected at least "
+                             f"{-(-self.max_seq_len // self.page_size)} pages")
+        if self.kv_cache == "paged" and self.max_num_batched_tokens < self.max_batch:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens}: expected at least max_batch="
+                             f"{self.max_batch}, so that every running request can decode in one step")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
         if self.lora_impl not in LORA_IMPLS:

@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import DTYPES, STRATEGIES
+from .config import DTYPES, KV_CACHES, STRATEGIES
 from .host_memory import keep_freed_memory
 from .mesh import emulate_host_devices
 
@@ -42,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--kv-cache", default="contiguous", choices=KV_CACHES,
+                   help="contiguous: max_seq_len tokens a row; paged: a pool of pages taken as tokens arrive, and "
+                        "ragged steps that mix prompt chunks with decode tokens")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (paged)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV pages per layer (paged; default: max_batch x max_seq_len tokens' worth)")
+    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="BYTES|FRACTION",
+                   help="size the page pool by memory instead: bytes of each device, or a fraction (< 1) of its free "
+                        "memory (paged)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256,
+                   help="tokens of one ragged step: decode tokens plus prompt chunks (paged)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -80,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.from_pretrained(args.model, mesh=args.mesh, strategy=args.strategy, max_loras=args.max_loras,
                                     max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
                                     max_seq_len=args.max_seq_len, dtype=args.dtype,
-                                    compressed_bank=args.compressed_bank)
+                                    compressed_bank=args.compressed_bank, kv_cache=args.kv_cache,
+                                    page_size=args.page_size, num_pages=args.num_pages,
+                                    kv_cache_memory=args.kv_cache_memory,
+                                    max_num_batched_tokens=args.max_num_batched_tokens)
     if is_demo_model(args.model):  # the shipped task adapters, unless a compressed bank already serves their names
         shipped = {name: path for name, path in demo_adapters().items() if not engine.has_adapter(name)}
         if len(shipped) < len(demo_adapters()):

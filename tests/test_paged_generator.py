@@ -93,13 +93,14 @@ def test_a_pool_too_small_for_every_request_preempts_and_recomputes_the_same_com
     assert eng.generator.pages_used == 0
 
 
-def test_a_request_longer_than_the_whole_pool_fails_alone(hf_dir):
-    eng = _engine(hf_dir, kv_cache="paged", page_size=4, num_pages=8)
-    long = Request(list(range(1, 30)), None, GREEDY)  # 29 + 12 tokens: 11 pages of 4
-    short = Request([1, 2, 3], None, GREEDY)
-    eng.generator.run([long, short])
-    assert long.finish_reason == "error" and "exceeds the KV cache's 32 tokens" in long.error.message
-    assert short.finish_reason == "length" and len(short.output) == 12
+def test_a_pool_that_cannot_hold_one_longest_request_or_a_budget_below_the_rows_is_refused(hf_dir):
+    with pytest.raises(ValueError, match=r"num_pages=15: 15 pages of 4 tokens cannot hold one request of "
+                                         r"max_seq_len=64 tokens; expected at least 16 pages"):
+        _engine(hf_dir, kv_cache="paged", page_size=4, num_pages=15)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=4: expected at least max_batch=6"):
+        _engine(hf_dir, kv_cache="paged", max_num_batched_tokens=4)
+    with pytest.raises(ValueError, match="kv_cache='ring': expected one of"):
+        _engine(hf_dir, kv_cache="ring")
 
 
 def test_cancelled_and_finished_requests_return_their_pages(hf_dir):

@@ -164,6 +164,7 @@ class Generator:
         self.tokens = np.zeros(self.rows, np.int32)
         self.positions = np.zeros(self.rows, np.int32)
         self.generated_tokens = 0
+        self.preemptions = 0  # requests preempted for KV pages (a paged cache only)
         vocab = engine.model_config.vocab_size
         self.eos_ids = frozenset(engine.model_config.eos_token_ids)
         self.adjust_width = MAX_LOGIT_BIAS + MAX_MIN_TOKENS_STOP_IDS + len(self.eos_ids)
@@ -171,6 +172,10 @@ class Generator:
         # per decode row: the prompt's tokens and how often each token was generated (kept for the penalties)
         self.seen = jnp.zeros((self.rows, vocab), bool)
         self.counts = jnp.zeros((self.rows, vocab), jnp.int32)
+
+    def kv_pages(self) -> tuple[int, int]:
+        """(pages held, pages in the pool) of a paged cache; a contiguous cache has no pages: (0, 0)."""
+        return 0, 0
 
     def _init_kv_cache(self) -> None:
         """The contiguous KV cache of `rows` rows of max_seq_len tokens, and the jitted calls that use it."""

@@ -59,6 +59,11 @@ class ServingMetrics:
         self.adapter_loads = Gauge("bdlora_adapter_loads", "Adapters written into device slots", registry=r)
         self.adapter_evictions = Gauge("bdlora_adapter_evictions", "Adapters evicted from device slots", registry=r)
         self.adapters_registered = Gauge("bdlora_adapters_registered", "Adapters registered on the host", registry=r)
+        self.kv_pages_used = Gauge("bdlora_kv_pages_used", "KV cache pages held by requests (paged cache)",
+                                   registry=r)
+        self.kv_pages_total = Gauge("bdlora_kv_pages_total", "KV cache pages in the pool (paged cache)", registry=r)
+        self.preemptions = Gauge("bdlora_preemptions", "Requests preempted for KV pages, to be recomputed",
+                                 registry=r)
         self.compilations = Gauge("bdlora_compilations", "XLA compilations in this process", registry=r)
         self.compilations_after_warmup = Gauge("bdlora_compilations_after_warmup",
                                                "XLA compilations since warm-up finished", registry=r)
@@ -101,9 +106,14 @@ class ServingMetrics:
         if request.first_token_time is not None and len(request.output) > 1:
             self.time_per_output_token.observe((now - request.first_token_time) / (len(request.output) - 1))
 
-    def render(self, pool, running: int, waiting: int) -> bytes:
+    def render(self, pool, generator, running: int, waiting: int) -> bytes:
+        """The metrics as Prometheus text, gauges read from the adapter pool and the generator now."""
         self.running.set(running)
         self.waiting.set(waiting)
+        used, total = generator.kv_pages()
+        self.kv_pages_used.set(used)
+        self.kv_pages_total.set(total)
+        self.preemptions.set(generator.preemptions)
         self.adapter_loads.set(pool.loads)
         self.adapter_evictions.set(pool.evictions)
         self.adapters_registered.set(len(pool.adapters))

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
-from ..errors import AdapterError, ContextLengthError, PoolFullError
+from ..errors import AdapterError, PoolFullError
 from ..model.llama import RaggedBatch, init_pages, ragged_forward
 from .generator import Generator, Request, adapter_batch, bucket, geometric_sizes
+from .page_memory import pages_for_memory
 from .page_pool import PagePool
 from .penalties import prompt_mask, reset_rows_jit
 from .sampler import first_argmax
@@ -53,12 +54,18 @@ class PagedGenerator(Generator):
         self.page_size = config.page_size
         self.pages_per_row = -(-self.max_seq_len // self.page_size)
         num_pages = config.num_pages or -(-self.rows * self.max_seq_len // self.page_size)
+        if config.kv_cache_memory is not None:
+            num_pages = pages_for_memory(config.kv_cache_memory, self.engine.model_config, plan, self.page_size,
+                                         self._cache_dtype)
+            if num_pages * self.page_size < self.max_seq_len:
+                raise ValueError(f"kv_cache_memory={config.kv_cache_memory}: holds {num_pages} pages of "
+                                 f"{self.page_size} tokens, too few for one request of max_seq_len="
+                                 f"{self.max_seq_len} tokens")
         self.page_pool = PagePool(num_pages, self.page_size)
-        self.kv_pages = init_pages(self.engine.model_config, plan, num_pages, self.page_size, self._cache_dtype)
+        self.page_cache = init_pages(self.engine.model_config, plan, num_pages, self.page_size, self._cache_dtype)
         budget = -(-config.max_num_batched_tokens // data) * data
         self.step_sizes = geometric_sizes(min(budget, -(-MIN_STEP_TOKENS // data) * data), budget, 4)
         self.progress: dict[int, Progress] = {}
-        self.preemptions = 0
         self._step_jit = jax.jit(self._step_fn, donate_argnums=(1,))
         self._step_base_jit = jax.jit(self._step_base_fn, donate_argnums=(1,))
 
@@ -78,6 +85,9 @@ class PagedGenerator(Generator):
     @property
     def pages_used(self) -> int:
         return self.page_pool.used
+
+    def kv_pages(self) -> tuple[int, int]:
+        return self.page_pool.used, self.page_pool.num_pages
 
     def _release(self, row: int) -> None:
         """End a row's request: its row and pages are free."""
@@ -142,13 +152,8 @@ class PagedGenerator(Generator):
 
     def _admission_error(self, request: Request) -> Exception | None:
         """Why a waiting request cannot be admitted now: PoolFullError (its adapter has no slot yet: it waits), or
-        an error that fails it alone (its adapter's files are gone, or it needs more pages than the whole pool)."""
-        needed = len(request.prompt) + request.params.max_tokens
-        if self.page_pool.pages_for(needed) > self.page_pool.num_pages:
-            capacity = self.page_pool.num_pages * self.page_size
-            return ContextLengthError(len(request.prompt), request.params.max_tokens, capacity,
-                                      f"prompt of {len(request.prompt)} tokens + max_tokens="
-                                      f"{request.params.max_tokens} exceeds the KV cache's {capacity} tokens")
+        an AdapterError that fails it alone (its adapter's files changed or vanished since registration). The pool
+        holds at least one request of max_seq_len tokens (EngineConfig), so no request needs more than all of it."""
         try:
             self.engine.resolve([*self.adapters_in_use(), request.adapter])
         except (PoolFullError, AdapterError) as e:
@@ -217,9 +222,9 @@ class PagedGenerator(Generator):
     def _run_step(self, tokens, ids, batch, last) -> tuple[jax.Array, jax.Array]:
         """The jitted step on the device (the base-model one when no token uses an adapter)."""
         if not ids[0].any() and not ids[2].any():
-            logits, greedy, self.kv_pages = self._step_base_jit(self.engine.state, self.kv_pages, tokens, batch, last)
+            logits, greedy, self.page_cache = self._step_base_jit(self.engine.state, self.page_cache, tokens, batch, last)
         else:
-            logits, greedy, self.kv_pages = self._step_jit(self.engine.state, self.kv_pages, self.engine.pool.bank,
+            logits, greedy, self.page_cache = self._step_jit(self.engine.state, self.page_cache, self.engine.pool.bank,
                                                            self.engine.compressed_arrays, tokens, batch, ids,
                                                            self.groups(ids[0]), last)
         return logits, greedy

@@ -16,7 +16,8 @@ async def health():
 
 @router.get("/metrics")
 async def metrics(ctx: ServerContext = Depends(server_context)):
-    """Running and waiting requests, tokens, adapter loads and compilations, in Prometheus text format."""
+    """Running and waiting requests, tokens, adapter loads, KV pages, preemptions and compilations, in Prometheus
+    text format."""
     running, waiting = ctx.scheduler.counts()
-    text = ctx.scheduler.metrics.render(ctx.engine.pool, running, waiting)
+    text = ctx.scheduler.metrics.render(ctx.engine.pool, ctx.scheduler.generator, running, waiting)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
