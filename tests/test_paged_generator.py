@@ -11,7 +11,7 @@ from helpers import FIXTURE_ADAPTERS
 from bdlora_jax import Engine
 from bdlora_jax.engine.generator import Request
 from bdlora_jax.engine.metrics import CompileCounter
-from bdlora_jax.engine.page_pool import PagePool
+from bdlora_jax.engine.page_pool import PagePool, page_keys
 from bdlora_jax.engine.paged_generator import PagedGenerator
 from bdlora_jax.engine.sampler import SamplingParams
 
@@ -54,6 +54,53 @@ def test_the_page_pool_grows_a_requests_pages_and_takes_them_back():
     assert pool.grow(second, 8) and pool.used == 5
     pool.release(first)
     assert first == [] and pool.free == 3 and pool.pages_for(13) == 4
+
+
+def test_registered_pages_are_reused_by_prefix_held_counted_and_evicted_least_recent_first():
+    pool = PagePool(4, 2)
+    tokens = [5, 6, 7, 8, 9]
+    keys = page_keys("lora:1:a", tokens, 2, 2)
+    assert keys == page_keys("lora:1:a", tokens[:4] + [0], 2, 2)  # a key names its page and everything before
+    assert page_keys("lora:2:a", tokens, 2, 2)[0] != keys[0]  # another adapter (registration): other keys
+    assert page_keys("lora:1:a", [5, 6, 0, 8], 2, 2)[1] != keys[1]
+    first = []
+    assert pool.grow(first, 5) and first == [0, 1, 2]
+    pool.register(first[0], keys[0])
+    pool.register(first[1], keys[1])
+    second = pool.match(keys)
+    assert second == [0, 1] and pool.used == 3
+    pool.release(first)  # pages 0 and 1 are still held by the second request; page 2 is free again
+    assert pool.used == 2 and pool.free == 2
+    pool.release(second)  # nobody holds them: cached, yet takeable
+    assert pool.used == 0 and pool.match(keys[:1]) == [0]  # held again, so never evicted while held
+    other = []
+    assert pool.grow(other, 6) and sorted(other) == [1, 2, 3]  # two free pages, then the idle cached page 1
+    assert pool.match(keys) == [0]  # page 1 went with its key: the run stops after page 0
+
+
+def test_prefix_cache_hits_give_the_logits_of_misses_and_never_cross_adapters(hf_dir):
+    vocab_rng = np.random.default_rng(3)
+    system = list(map(int, vocab_rng.integers(1, 200, 21)))  # five full pages of 4 and one token
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=5)
+    first = Request(system + [7, 8], "lora_r8", params)
+    same_adapter = Request(system + [9, 10, 11], "lora_r8", params)
+    other_adapter = Request(system + [9, 10, 11], "bdlora_nb2_r8", params)
+    paged = _engine(hf_dir, kv_cache="paged", page_size=4)
+    paged.generator.run([first])
+    queried, hit = paged.generator.prefix_cache_tokens()
+    assert (queried, hit) == (20, 0)
+    paged.generator.run([same_adapter])
+    assert paged.generator.prefix_cache_tokens() == (40, 20)  # the five full pages of the system prompt
+    paged.generator.run([other_adapter])
+    assert paged.generator.prefix_cache_tokens() == (60, 20)  # nothing of another adapter's
+    contiguous = _engine(hf_dir)
+    for request in (same_adapter, other_adapter):
+        alone = Request(request.prompt, request.adapter, params)
+        contiguous.generator.run([alone])
+        assert request.output == alone.output
+        for got, want in zip(request.logprobs, alone.logprobs):
+            assert [t for t, _ in got.top] == [t for t, _ in want.top]
+            np.testing.assert_allclose([v for _, v in got.top], [v for _, v in want.top], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mesh,strategy,budget", [("1x2", "bdlora", 16), ("1x8", "slora", 40),

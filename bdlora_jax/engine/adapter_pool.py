@@ -9,6 +9,7 @@ slot never compiles a new program.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -37,6 +38,8 @@ class AdapterPool:
         self.resident: OrderedDict[str, int] = OrderedDict()
         self.loads = 0
         self.evictions = 0
+        self.registration: dict[str, int] = {}  # name -> which registration it is (a name may come back re-registered)
+        self._registrations = itertools.count(1)
 
     @property
     def capacity(self) -> int:
@@ -51,12 +54,14 @@ class AdapterPool:
             raise AdapterConflictError(name, f"adapter {name!r} is already registered; remove it first")
         self.host_slot(adapter)
         self.adapters[name] = Path(source) if source is not None else adapter
+        self.registration[name] = next(self._registrations)
 
     def unregister(self, name: str) -> None:
         """Forget an adapter; its slot (if any) becomes free."""
         if name not in self.adapters:
             raise AdapterNotFoundError(name)
         del self.adapters[name]
+        del self.registration[name]
         self.resident.pop(name, None)
 
     @property

@@ -130,6 +130,15 @@ class Engine:
                                                  "its adapters cannot be removed")
         self.pool.unregister(name)
 
+    def adapter_identity(self, name: str | None) -> str:
+        """What makes an adapter's KV its own: its name and registration (a re-registered name is another adapter);
+        the compressed bank's adapters never change; None is the base model."""
+        if name is None:
+            return "base"
+        if name in self.pool.adapters:
+            return f"lora:{self.pool.registration[name]}:{name}"
+        return f"compressed:{name}"
+
     def resolve(self, names: Sequence[str | None]) -> tuple[list[int], list[int], list[int]]:
         """(bank slot, cluster, Σ id) of each row's adapter: pool adapters take a slot (loaded if needed),
         compressed ones a (cluster, Σ id) pair; None and the other kind get 0."""

@@ -170,11 +170,17 @@ class Generator:
         self.adjust_width = MAX_LOGIT_BIAS + MAX_MIN_TOKENS_STOP_IDS + len(self.eos_ids)
         self.top_logprobs = min(MAX_TOP_LOGPROBS, vocab)
         # per decode row: the prompt's tokens and how often each token was generated (kept for the penalties)
-        self.seen = jnp.zeros((self.rows, vocab), bool)
-        self.counts = jnp.zeros((self.rows, vocab), jnp.int32)
+        # on the mesh, replicated, from the start: as the jitted updates return them, so they compile once
+        replicated = engine.plan.sharding(())
+        self.seen = jax.device_put(np.zeros((self.rows, vocab), bool), replicated)
+        self.counts = jax.device_put(np.zeros((self.rows, vocab), np.int32), replicated)
 
     def kv_pages(self) -> tuple[int, int]:
         """(pages held, pages in the pool) of a paged cache; a contiguous cache has no pages: (0, 0)."""
+        return 0, 0
+
+    def prefix_cache_tokens(self) -> tuple[int, int]:
+        """(tokens looked up, tokens found) in a paged cache's prefix cache; a contiguous cache has none: (0, 0)."""
         return 0, 0
 
     def _init_kv_cache(self) -> None:

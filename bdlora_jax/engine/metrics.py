@@ -64,6 +64,10 @@ class ServingMetrics:
         self.kv_pages_total = Gauge("bdlora_kv_pages_total", "KV cache pages in the pool (paged cache)", registry=r)
         self.preemptions = Gauge("bdlora_preemptions", "Requests preempted for KV pages, to be recomputed",
                                  registry=r)
+        self.prefix_cache_queries = Gauge("bdlora_prefix_cache_queries",
+                                          "Prompt tokens in full pages looked up in the prefix cache", registry=r)
+        self.prefix_cache_hits = Gauge("bdlora_prefix_cache_hits",
+                                       "Prompt tokens found in the prefix cache (not computed again)", registry=r)
         self.compilations = Gauge("bdlora_compilations", "XLA compilations in this process", registry=r)
         self.compilations_after_warmup = Gauge("bdlora_compilations_after_warmup",
                                                "XLA compilations since warm-up finished", registry=r)
@@ -114,6 +118,9 @@ class ServingMetrics:
         self.kv_pages_used.set(used)
         self.kv_pages_total.set(total)
         self.preemptions.set(generator.preemptions)
+        queried, hit = generator.prefix_cache_tokens()
+        self.prefix_cache_queries.set(queried)
+        self.prefix_cache_hits.set(hit)
         self.adapter_loads.set(pool.loads)
         self.adapter_evictions.set(pool.evictions)
         self.adapters_registered.set(len(pool.adapters))

@@ -7,6 +7,8 @@ left of the budget admits waiting requests. A request whose tokens are all in th
 next token from its last token's logits. When the pool has no page for a request's tokens, the newest running
 request is preempted: its pages go back to the pool and it waits at the front of the queue, to recompute its prompt
 and what it has generated when it is admitted again (its output so far is kept, so it continues as it would have).
+Full pages are kept for reuse by prefix (engine/page_pool.py): an admitted request starts after the longest run of
+its full pages that an earlier request of the same adapter registration computed, and registers its own as they fill.
 Shapes come from a few token-count buckets and the adapter group counts, so steady state compiles nothing.
 """
 
@@ -21,7 +23,7 @@ from ..errors import AdapterError, PoolFullError
 from ..model.llama import RaggedBatch, init_pages, ragged_forward
 from .generator import Generator, Request, adapter_batch, bucket, geometric_sizes
 from .page_memory import pages_for_memory
-from .page_pool import PagePool
+from .page_pool import PagePool, page_keys
 from .penalties import prompt_mask, reset_rows_jit
 from .sampler import first_argmax
 
@@ -31,11 +33,13 @@ MIN_STEP_TOKENS = 8  # the smallest token bucket of a step
 
 @dataclass
 class Progress:
-    """A running request's place in the cache: how many of its tokens (prompt, then output) are in it, and its
-    pages in token order."""
+    """A running request's place in the cache: how many of its tokens (prompt, then output) are in it, its pages in
+    token order, the prefix keys of its full pages so far, and its adapter's identity (what the keys start from)."""
 
+    identity: str
     computed: int = 0
     pages: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
 
 
 def known_tokens(request: Request) -> list[int]:
@@ -66,6 +70,8 @@ class PagedGenerator(Generator):
         budget = -(-config.max_num_batched_tokens // data) * data
         self.step_sizes = geometric_sizes(min(budget, -(-MIN_STEP_TOKENS // data) * data), budget, 4)
         self.progress: dict[int, Progress] = {}
+        self.prefix_queried_tokens = 0  # tokens of admitted requests' full pages looked up in the prefix cache
+        self.prefix_hit_tokens = 0  # of those, tokens found there (not computed again)
         self._step_jit = jax.jit(self._step_fn, donate_argnums=(1,))
         self._step_base_jit = jax.jit(self._step_base_fn, donate_argnums=(1,))
 
@@ -88,6 +94,9 @@ class PagedGenerator(Generator):
 
     def kv_pages(self) -> tuple[int, int]:
         return self.page_pool.used, self.page_pool.num_pages
+
+    def prefix_cache_tokens(self) -> tuple[int, int]:
+        return self.prefix_queried_tokens, self.prefix_hit_tokens
 
     def _release(self, row: int) -> None:
         """End a row's request: its row and pages are free."""
@@ -139,16 +148,40 @@ class PagedGenerator(Generator):
                 request.finish_reason, request.error = "error", error
                 failed.append(request)
                 continue
-            n = min(len(known_tokens(request)), budget)
-            progress = Progress()
-            if not self.page_pool.grow(progress.pages, n):
+            progress = self._cached_prefix(request)
+            n = min(len(known_tokens(request)) - progress.computed, budget)
+            if not self.page_pool.grow(progress.pages, progress.computed + n):
+                self.page_pool.release(progress.pages)
                 break
+            self.prefix_queried_tokens += (len(known_tokens(request)) - 1) // self.page_size * self.page_size
+            self.prefix_hit_tokens += progress.computed
             row = free_rows.pop(0)
             self.waiting.popleft()
             self.running[row], self.progress[row] = request, progress
             feeds[row], budget = n, budget - n
             admitted.append(row)
         return feeds, admitted, failed
+
+    def _cached_prefix(self, request: Request) -> Progress:
+        """A waiting request's Progress from the prefix cache: the longest run of its full pages found there, held
+        now. Its last token is never among them, since computing it gives the logits its next token comes from."""
+        identity = self.engine.adapter_identity(request.adapter)
+        known = known_tokens(request)
+        keys = page_keys(identity, known, self.page_size, (len(known) - 1) // self.page_size)
+        pages = self.page_pool.match(keys)
+        return Progress(identity, len(pages) * self.page_size, pages, keys[:len(pages)])
+
+    def _register_full_pages(self, row: int) -> None:
+        """Make a row's newly filled pages reusable by prefix."""
+        progress, known = self.progress[row], known_tokens(self.running[row])
+        have, full = len(progress.keys), progress.computed // self.page_size
+        if full <= have:
+            return
+        keys = page_keys(progress.identity, known, self.page_size, full - have, start=have,
+                         previous=progress.keys[-1] if progress.keys else None)
+        for page, key in zip(progress.pages[have:full], keys):
+            self.page_pool.register(page, key)
+        progress.keys.extend(keys)
 
     def _admission_error(self, request: Request) -> Exception | None:
         """Why a waiting request cannot be admitted now: PoolFullError (its adapter has no slot yet: it waits), or
@@ -175,6 +208,7 @@ class PagedGenerator(Generator):
         new, logprobs = self._sample_rows(logits, requests, state_rows, greedy=greedy)
         for row, n in feeds.items():
             self.progress[row].computed += n
+            self._register_full_pages(row)
         for row in sampling:
             request = self.running[row]
             if self._emit(request, int(new[row]), self._logprob(request, logprobs, row, new[row])):
@@ -236,12 +270,12 @@ class PagedGenerator(Generator):
         idle = RaggedBatch(np.zeros((self.rows, self.pages_per_row), np.int32), np.zeros(self.rows, np.int32),
                            np.zeros(self.rows, np.int32))
         past_end = np.full(self.rows, self.rows, np.int32)
+        vocab = self.seen.shape[1]  # the reset first: the histories it returns are the ones the sampler then reads
+        self.seen, self.counts = reset_rows_jit(self.seen, self.counts, past_end, np.zeros((self.rows, vocab), bool),
+                                                np.zeros((self.rows, vocab), np.int32))
         for size in self.step_sizes:
             for groups in [0, *self.group_sizes]:
                 ids = np.zeros((3, size), np.int32)
                 ids[0, :groups] = np.arange(1, groups + 1)
                 logits, _ = self._run_step(np.zeros(size, np.int32), ids, idle, np.zeros(self.rows, np.int32))
                 self._warm_sampler(logits, past_end, prompts=None)
-        vocab = self.seen.shape[1]
-        self.seen, self.counts = reset_rows_jit(self.seen, self.counts, past_end, np.zeros((self.rows, vocab), bool),
-                                                np.zeros((self.rows, vocab), np.int32))
