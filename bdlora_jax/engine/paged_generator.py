@@ -14,6 +14,7 @@ Shapes come from a few token-count buckets and the adapter group counts, so stea
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import jax
@@ -29,6 +30,7 @@ from .sampler import first_argmax
 
 QUERY_BLOCK = 16  # query tokens of one request per gather of its pages (model/paged_attention.py)
 MIN_STEP_TOKENS = 8  # the smallest token bucket of a step
+MIN_TABLE_WIDTH = 4  # the narrowest page-table bucket: a step's attention reads at most this many pages a request
 
 
 @dataclass
@@ -69,6 +71,8 @@ class PagedGenerator(Generator):
         self.page_cache = init_pages(self.engine.model_config, plan, num_pages, self.page_size, self._cache_dtype)
         budget = -(-config.max_num_batched_tokens // data) * data
         self.step_sizes = geometric_sizes(min(budget, -(-MIN_STEP_TOKENS // data) * data), budget, 4)
+        # a step's page tables are as wide as its longest request needs, bucketed: attention reads real lengths
+        self.table_widths = geometric_sizes(min(MIN_TABLE_WIDTH, self.pages_per_row), self.pages_per_row, 4)
         self.progress: dict[int, Progress] = {}
         self.prefix_queried_tokens = 0  # tokens of admitted requests' full pages looked up in the prefix cache
         self.prefix_hit_tokens = 0  # of those, tokens found there (not computed again)
@@ -238,7 +242,8 @@ class PagedGenerator(Generator):
         size = bucket(sum(feeds.values()), self.step_sizes)
         tokens, ids = np.zeros(size, np.int32), np.zeros((3, size), np.int32)
         q_lens, kv_lens, last = (np.zeros(self.rows, np.int32) for _ in range(3))
-        page_tables = np.zeros((self.rows, self.pages_per_row), np.int32)
+        width = bucket(max(len(self.progress[row].pages) for row in rows), self.table_widths)
+        page_tables = np.zeros((self.rows, width), np.int32)
         resolved = self.engine.resolve([self.running[row].adapter for row in rows])
         sampling, offset = [], 0
         for row, *row_ids in zip(rows, *resolved):
@@ -264,18 +269,16 @@ class PagedGenerator(Generator):
         return logits, greedy
 
     def warm_up(self) -> None:
-        """Compile every step size with and without adapters (each group count), each with every sampler variant,
-        and the penalty-state reset, so serving compiles nothing new; pages and histories are left as they were
-        (no token of a warm-up step belongs to a request, so every write is dropped)."""
-        idle = RaggedBatch(np.zeros((self.rows, self.pages_per_row), np.int32), np.zeros(self.rows, np.int32),
-                           np.zeros(self.rows, np.int32))
+        """Compile every step size and page-table width with and without adapters (each group count), each with every
+        sampler variant, and the penalty-state reset, so serving compiles nothing new; pages and histories are left
+        as they were (no token of a warm-up step belongs to a request, so every write is dropped)."""
         past_end = np.full(self.rows, self.rows, np.int32)
         vocab = self.seen.shape[1]  # the reset first: the histories it returns are the ones the sampler then reads
         self.seen, self.counts = reset_rows_jit(self.seen, self.counts, past_end, np.zeros((self.rows, vocab), bool),
                                                 np.zeros((self.rows, vocab), np.int32))
-        for size in self.step_sizes:
-            for groups in [0, *self.group_sizes]:
-                ids = np.zeros((3, size), np.int32)
-                ids[0, :groups] = np.arange(1, groups + 1)
-                logits, _ = self._run_step(np.zeros(size, np.int32), ids, idle, np.zeros(self.rows, np.int32))
-                self._warm_sampler(logits, past_end, prompts=None)
+        for size, width, groups in itertools.product(self.step_sizes, self.table_widths, [0, *self.group_sizes]):
+            ids = np.zeros((3, size), np.int32)
+            ids[0, :groups] = np.arange(1, groups + 1)
+            idle = RaggedBatch(np.zeros((self.rows, width), np.int32), *np.zeros((2, self.rows), np.int32))
+            logits, _ = self._run_step(np.zeros(size, np.int32), ids, idle, np.zeros(self.rows, np.int32))
+            self._warm_sampler(logits, past_end, prompts=None)
