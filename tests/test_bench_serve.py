@@ -5,13 +5,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
-def test_bench_serve_prints_one_json_object_with_ratios():
+@pytest.mark.parametrize("kv_cache", ["contiguous", "paged"])
+def test_bench_serve_prints_one_json_object_with_ratios(kv_cache):
     out = subprocess.run(
         [sys.executable, "-m", "bdlora_jax.bench", "serve", "--model", "demo", "--mesh", "1x2", "--strategy", "slora",
-         "--batch", "4", "--prompt-len", "8", "--new-tokens", "3", "--adapters", "2,4", "--repeats", "1", "--json"],
+         "--batch", "4", "--prompt-len", "8", "--new-tokens", "3", "--adapters", "2,4", "--repeats", "1",
+         "--kv-cache", kv_cache, "--json"],
         capture_output=True, text=True, check=True, cwd=ROOT,
     )
     report = json.loads(out.stdout)
@@ -21,4 +25,5 @@ def test_bench_serve_prints_one_json_object_with_ratios():
         assert entry["tokens_per_s"] > 0
         assert entry["ratio_to_base"] == entry["tokens_per_s"] / report["results"]["base only"]["tokens_per_s"]
     assert report["setup"] == {"model": "demo", "mesh": "1x2", "strategy": "slora", "batch": 4, "prompt_len": 8,
-                               "new_tokens": 3, "rank": 16, "dtype": "float32", "platform": "cpu"}
+                               "new_tokens": 3, "rank": 16, "kv_cache": kv_cache, "dtype": "float32",
+                               "platform": "cpu"}

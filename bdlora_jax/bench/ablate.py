@@ -213,7 +213,8 @@ def _serve_args(config: AblationConfig, point: dict[str, Any]) -> argparse.Names
     s = config.settings
     return argparse.Namespace(model=config.model, mesh=point["mesh"], strategy=point["strategy"], batch=point["batch"],
                               prompt_len=s["prompt_len"], new_tokens=s["new_tokens"], rank=point["rank"],
-                              adapters=str(point["adapters"]), repeats=s["repeats"], dtype=s["dtype"], json=True)
+                              adapters=str(point["adapters"]), repeats=s["repeats"], dtype=s["dtype"], json=True,
+                              kv_cache="contiguous", page_size=16, max_num_batched_tokens=256)
 
 
 def _compressed_engine(config: AblationConfig, point: dict[str, Any], directory: Path):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import KV_CACHES
 from .common import SMALL_32K, model_config, shared_options
 
 NAME = "serve"
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapters", default="8,32", help="comma-separated numbers of distinct adapters")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
+    parser.add_argument("--kv-cache", default="contiguous", choices=KV_CACHES, help="the engine's KV cache")
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page (paged)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens of one ragged step (paged)")
 
 
 def _engine(args: argparse.Namespace, max_loras: int, compressed_bank: Path | None = None):
@@ -47,12 +51,13 @@ def _engine(args: argparse.Namespace, max_loras: int, compressed_bank: Path | No
     from ..sharding import make_plan
 
     max_seq_len = args.prompt_len + args.new_tokens
+    paging = dict(kv_cache=args.kv_cache, page_size=args.page_size, max_num_batched_tokens=args.max_num_batched_tokens)
     if not resolve_model_path(args.model).is_dir():
         config = model_config(args.model)
         plan = make_plan(make_mesh(args.mesh), args.strategy, config, args.rank)
         engine_config = EngineConfig(mesh=args.mesh, strategy=args.strategy, max_loras=max_loras,
                                      max_lora_rank=args.rank, max_batch=args.batch, max_seq_len=max_seq_len,
-                                     dtype=args.dtype, lora_impl="xla")
+                                     dtype=args.dtype, lora_impl="xla", **paging)
         compressed = None
         if compressed_bank is not None:
             from ..adapters.compressed import CompressedServing
@@ -61,7 +66,7 @@ def _engine(args: argparse.Namespace, max_loras: int, compressed_bank: Path | No
         return Engine(config, init_model(config, plan, jnp.dtype(args.dtype)), engine_config, None, plan, compressed)
     return Engine.from_pretrained(args.model, mesh=args.mesh, strategy=args.strategy, max_loras=max_loras,
                                   max_lora_rank=args.rank, max_batch=args.batch, max_seq_len=max_seq_len,
-                                  dtype=args.dtype, lora_impl="xla", compressed_bank=compressed_bank)
+                                  dtype=args.dtype, lora_impl="xla", compressed_bank=compressed_bank, **paging)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "setup": {"model": engine.model_config.name, "mesh": args.mesh, "strategy": args.strategy, "batch": args.batch,
                   "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rank": args.rank,
+                  "kv_cache": args.kv_cache,
                   "dtype": args.dtype, "platform": engine.plan.mesh.devices.flat[0].platform},
         "results": throughput(engine, configurations, args.prompt_len, args.new_tokens, args.repeats),
     }
