@@ -1,5 +1,6 @@
-"""A byte-level tokenizer (ids 0..255 are the bytes, then <s>, </s>, <pad>) built with `tokenizers`, for the demo,
-and the tokenizer_config.json (special tokens, chat template) written beside it."""
+"""Tokenizers built with `tokenizers`: a byte-level one (ids 0..255 are the bytes, then <s>, </s>, <pad>) for the
+demo, with the tokenizer_config.json (special tokens, chat template) written beside it, and a numbered one for
+random benchmark models of any vocabulary size."""
 
 from __future__ import annotations
 
@@ -46,3 +47,13 @@ def demo_tokenizer_config() -> dict:
     """tokenizer_config.json of the demo model: its special tokens and its chat template."""
     return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
             "model_max_length": 2048, "chat_template": DEMO_CHAT_TEMPLATE}
+
+
+def numbered_tokenizer(vocab_size: int) -> Tokenizer:
+    """A word-level tokenizer whose token i is the word "t{i}" (decoded space-separated): every id of a random
+    benchmark model's vocabulary has text, so a server streams one text chunk per token."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tokenizer

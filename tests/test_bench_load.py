@@ -24,7 +24,14 @@ from bdlora_jax.bench.cli import build_parser
 from bdlora_jax.bench.cli import main as bench_main
 from bdlora_jax.bench.load import run as run_load_command
 from bdlora_jax.bench.load_client import send_request
-from bdlora_jax.bench.load_metrics import RequestRecord, distribution_ms, parse_goodput, summarize
+from bdlora_jax.bench.load_metrics import (
+    RequestRecord,
+    distribution_ms,
+    parse_goodput,
+    peak_concurrency,
+    peak_overlap,
+    summarize,
+)
 from bdlora_jax.bench.load_workload import WorkItem, arrival_offsets, assign_adapters, read_dataset, sample_lengths
 from bdlora_jax.demo import demo_adapters
 
@@ -139,6 +146,21 @@ def test_summary_throughputs_tpot_and_goodput():
     assert summary["e2el_ms"]["p99"] == pytest.approx(1000 * (1.1 + 0.98 * 1.1))  # 2 · 0.99 = 1.98 of the way up
     assert summary["goodput"] == 0.5  # only the first meets ttft <= 250 ms and tpot <= 200 ms
     assert "goodput" not in summarize(records, 2.0, {})
+
+
+def test_peak_overlap_counts_half_open_intervals_held_at_once():
+    assert peak_overlap([]) == 0
+    assert peak_overlap([(0, 1), (1, 2), (2, 3)]) == 1  # each ends as the next starts
+    assert peak_overlap([(0, 10), (1, 2), (1.5, 3), (2.5, 4), (5, 6)]) == 3  # (0,10), (1.5,3), (2.5,4) at t=2.7
+    assert peak_overlap([(0, 1)] * 4) == 4
+
+
+def test_peak_concurrency_in_flight_and_decoding_of_completed_requests():
+    # sent at 0, 0.5, 1: in flight all at once near t=1.2; decoding (first token to end) at most two at once
+    records = [RequestRecord("m", sent_at=0.0, ttft=1.0, e2el=1.5), RequestRecord("m", sent_at=0.5, ttft=1.0, e2el=2.0),
+               RequestRecord("m", sent_at=1.0, ttft=0.6, e2el=0.7), RequestRecord("m", sent_at=0.0, error="HTTP 400")]
+    assert peak_concurrency(records) == {"peak_in_flight": 3, "peak_decoding": 2}
+    assert summarize(records, 2.0, {})["peak_decoding"] == 2
 
 
 def test_goodput_specs_are_checked():
@@ -264,6 +286,9 @@ def test_load_at_once_completes_every_request_with_exact_lengths(base_url, sched
         assert r["success"] and r["output_tokens"] == 6 and r["prompt_tokens"] == 8
         assert 0 < r["ttft"] <= r["e2el"]
         assert r["tpot"] == pytest.approx((r["e2el"] - r["ttft"]) / 5)
+        assert 0 <= r["sent_at"] <= result["duration_s"]
+    # --max-concurrency 4 and the server's 4 rows bound both peaks
+    assert 1 <= result["peak_decoding"] <= result["peak_in_flight"] <= 4
     # every request the server finished so far was observed once by each latency histogram (the scheduler counts a
     # request a moment after its last token went out)
     deadline = time.monotonic() + 10

@@ -175,6 +175,8 @@ def print_run(run: dict) -> None:
         print(f"{'Request goodput (req/s):':<40}{run['goodput']:>12.2f}")
     print(f"{'Output token throughput (tok/s):':<40}{run['output_throughput']:>12.2f}")
     print(f"{'Total token throughput (tok/s):':<40}{run['total_token_throughput']:>12.2f}")
+    print(f"{'Peak requests in flight:':<40}{run['peak_in_flight']:>12}")
+    print(f"{'Peak requests decoding at once:':<40}{run['peak_decoding']:>12}")
     for key, title in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2EL")):
         d = run[key]
         print(f"{title + ' (ms)':<12}mean {_ms(d['mean']):>10}  median {_ms(d['median']):>10}  "
@@ -189,11 +191,11 @@ def print_report(report: dict) -> None:
         print_run(report["runs"][0])
     else:
         print(f"{'rate':>8}{'done':>6}{'failed':>8}{'req/s':>9}{'out tok/s':>11}{'p99 TTFT':>11}{'p99 TPOT':>11}"
-              f"{'p99 E2EL':>11}")
+              f"{'p99 E2EL':>11}{'decoding':>10}")
         for run in report["runs"]:
             print(f"{run['request_rate']:>8}{run['completed']:>6}{run['failed']:>8}{run['request_throughput']:>9.2f}"
                   f"{run['output_throughput']:>11.1f}{_ms(run['ttft_ms']['p99']):>11}{_ms(run['tpot_ms']['p99']):>11}"
-                  f"{_ms(run['e2el_ms']['p99']):>11}")
+                  f"{_ms(run['e2el_ms']['p99']):>11}{run['peak_decoding']:>10}")
             for error in run["errors"]:
                 print(f"  {error['count']} x {error['error']}")
     for key, what in (("plot", "plot"), ("saved_json", "report and per-request records")):

@@ -1,5 +1,6 @@
-"""The statistics of `bench load`: one record per request (TTFT, inter-token gaps, end-to-end latency, token
-counts or its error), the run's summary (throughputs, mean / median / p90 / p99 latencies in ms) and goodput."""
+"""The statistics of `bench load`: one record per request (when it was sent, TTFT, inter-token gaps, end-to-end
+latency, token counts or its error), the run's summary (throughputs, mean / median / p90 / p99 latencies in ms,
+peak concurrency) and goodput."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ SLO_METRICS = ("ttft", "tpot", "e2el")
 
 @dataclass
 class RequestRecord:
-    """What one request measured (seconds, from when it was sent), or why it failed (error)."""
+    """What one request measured (seconds, from when it was sent; sent_at from the run's start), or why it failed."""
 
     model: str
+    sent_at: float | None = None
     prompt_tokens: int | None = None
     output_tokens: int = 0
     ttft: float | None = None
@@ -71,9 +73,28 @@ def distribution_ms(seconds: list[float]) -> dict[str, float | None]:
     return {"mean": float(ms.mean()), "median": p50, "p90": p90, "p99": p99}
 
 
+def peak_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The most of the half-open intervals [start, end) that hold at one instant (0 without intervals)."""
+    events = sorted([(end, -1) for _, end in intervals] + [(start, 1) for start, _ in intervals])
+    peak = held = 0
+    for _, change in events:  # at equal times an end sorts before a start: [a, b) and [b, c) never overlap
+        held += change
+        peak = max(peak, held)
+    return peak
+
+
+def peak_concurrency(records: list[RequestRecord]) -> dict[str, int]:
+    """Of the completed requests, the most at once in flight (sent, not finished) and decoding (first token
+    streamed, not finished): the second is how many requests the server held in its batch at once."""
+    timed = [r for r in records if r.success and r.sent_at is not None]
+    return {"peak_in_flight": peak_overlap([(r.sent_at, r.sent_at + r.e2el) for r in timed]),
+            "peak_decoding": peak_overlap([(r.sent_at + r.ttft, r.sent_at + r.e2el) for r in timed])}
+
+
 def summarize(records: list[RequestRecord], duration: float, slos: dict[str, float]) -> dict:
     """The run's summary: request counts, the first error texts of the failed, throughputs over `duration`
-    seconds, and the TTFT / TPOT / ITL / E2EL distributions of the completed requests; goodput with SLOs."""
+    seconds, the TTFT / TPOT / ITL / E2EL distributions and peak concurrency of the completed requests; goodput
+    with SLOs."""
     done = [r for r in records if r.success]
     errors: dict[str, int] = {}
     for r in records:
@@ -92,6 +113,7 @@ def summarize(records: list[RequestRecord], duration: float, slos: dict[str, flo
         "tpot_ms": distribution_ms([r.tpot for r in done if r.output_tokens > 1]),
         "itl_ms": distribution_ms([gap for r in done for gap in r.itl]),
         "e2el_ms": distribution_ms([r.e2el for r in done]),
+        **peak_concurrency(done),
     }
     if slos:
         summary["goodput"] = per_s(sum(meets_slos(r, slos) for r in done))

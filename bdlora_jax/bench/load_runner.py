@@ -42,11 +42,18 @@ async def _run(plan: LoadPlan) -> tuple[list[RequestRecord], float]:
             """Wait for the item's arrival time (and a concurrency slot), then send it."""
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
             if semaphore is None:
-                record = await send_request(client, plan.base_url, item, model, plan.ignore_eos, plan.timeout)
+                record = await sent(item, model)
             else:
                 async with semaphore:
-                    record = await send_request(client, plan.base_url, item, model, plan.ignore_eos, plan.timeout)
+                    record = await sent(item, model)
             bar.update(1)
+            return record
+
+        async def sent(item: WorkItem, model: str) -> RequestRecord:
+            """Send one request now; its record says when, from the run's start."""
+            sent_at = time.perf_counter() - start
+            record = await send_request(client, plan.base_url, item, model, plan.ignore_eos, plan.timeout)
+            record.sent_at = sent_at
             return record
 
         tasks = [asyncio.create_task(one(i, m, o)) for i, m, o in zip(plan.items, plan.models, plan.offsets)]
