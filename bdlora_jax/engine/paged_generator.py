@@ -76,19 +76,21 @@ class PagedGenerator(Generator):
         self.progress: dict[int, Progress] = {}
         self.prefix_queried_tokens = 0  # tokens of admitted requests' full pages looked up in the prefix cache
         self.prefix_hit_tokens = 0  # of those, tokens found there (not computed again)
-        self._step_jit = jax.jit(self._step_fn, donate_argnums=(1,))
-        self._step_base_jit = jax.jit(self._step_base_fn, donate_argnums=(1,))
+        # steps of one token per request (decode) attend per token; only sizes up to the rows' bucket have them
+        self.decode_sizes = [size for size in self.step_sizes if size <= bucket(self.rows, self.step_sizes)]
+        self._step_jit = jax.jit(self._step_fn, donate_argnums=(1,), static_argnames=("query_block",))
+        self._step_base_jit = jax.jit(self._step_base_fn, donate_argnums=(1,), static_argnames=("query_block",))
 
-    def _step_fn(self, state, pages, bank, compressed, tokens, batch, ids, groups, last):
+    def _step_fn(self, state, pages, bank, compressed, tokens, batch, ids, groups, last, query_block):
         """One ragged step; returns each row's last-token logits (rows, vocab), their argmax and the new pages."""
         logits, pages = ragged_forward(self.engine.graphdef, state, tokens, pages, batch,
-                                       adapter_batch(bank, compressed, *ids, groups), QUERY_BLOCK)
+                                       adapter_batch(bank, compressed, *ids, groups), query_block)
         rows = logits[last]
         return rows, first_argmax(rows), pages
 
-    def _step_base_fn(self, state, pages, tokens, batch, last):
+    def _step_base_fn(self, state, pages, tokens, batch, last, query_block):
         """`_step_fn` for a step in which no token uses an adapter: the base model alone."""
-        logits, pages = ragged_forward(self.engine.graphdef, state, tokens, pages, batch, None, QUERY_BLOCK)
+        logits, pages = ragged_forward(self.engine.graphdef, state, tokens, pages, batch, None, query_block)
         rows = logits[last]
         return rows, first_argmax(rows), pages
 
@@ -236,8 +238,9 @@ class PagedGenerator(Generator):
         self.seen, self.counts = reset_rows_jit(self.seen, self.counts, state_rows, seen, generated)
 
     def _step_arrays(self, feeds: dict[int, int]) -> tuple[tuple, list[int]]:
-        """((tokens, per-token (slots, clusters, Σ ids), RaggedBatch, each row's last token index), the rows that
-        sample this step) for feeding `feeds` tokens per row, rows in order."""
+        """((tokens, per-token (slots, clusters, Σ ids), RaggedBatch, each row's last token index, query block), the
+        rows that sample this step) for feeding `feeds` tokens per row, rows in order; the query block is 1 when
+        every row feeds one token (a decode step), else QUERY_BLOCK."""
         rows = sorted(feeds)
         size = bucket(sum(feeds.values()), self.step_sizes)
         tokens, ids = np.zeros(size, np.int32), np.zeros((3, size), np.int32)
@@ -256,22 +259,25 @@ class PagedGenerator(Generator):
             if progress.computed + n == len(known):
                 sampling.append(row)
             offset += n
-        return (tokens, ids, RaggedBatch(page_tables, kv_lens, q_lens), last), sampling
+        query_block = 1 if max(feeds.values()) == 1 else QUERY_BLOCK
+        return (tokens, ids, RaggedBatch(page_tables, kv_lens, q_lens), last, query_block), sampling
 
-    def _run_step(self, tokens, ids, batch, last) -> tuple[jax.Array, jax.Array]:
+    def _run_step(self, tokens, ids, batch, last, query_block) -> tuple[jax.Array, jax.Array]:
         """The jitted step on the device (the base-model one when no token uses an adapter)."""
         if not ids[0].any() and not ids[2].any():
-            logits, greedy, self.page_cache = self._step_base_jit(self.engine.state, self.page_cache, tokens, batch, last)
+            logits, greedy, self.page_cache = self._step_base_jit(self.engine.state, self.page_cache, tokens, batch, last,
+                                                                query_block=query_block)
         else:
             logits, greedy, self.page_cache = self._step_jit(self.engine.state, self.page_cache, self.engine.pool.bank,
                                                            self.engine.compressed_arrays, tokens, batch, ids,
-                                                           self.groups(ids[0]), last)
+                                                           self.groups(ids[0]), last, query_block=query_block)
         return logits, greedy
 
     def warm_up(self) -> None:
-        """Compile every step size and page-table width with and without adapters (each group count), each with every
-        sampler variant, and the penalty-state reset, so serving compiles nothing new; pages and histories are left
-        as they were (no token of a warm-up step belongs to a request, so every write is dropped)."""
+        """Compile every step size and page-table width with and without adapters (each group count), in both query
+        blocks where decode steps can have that size, each with every sampler variant, and the penalty-state reset,
+        so serving compiles nothing new; pages and histories are left as they were (no token of a warm-up step
+        belongs to a request, so every write is dropped)."""
         past_end = np.full(self.rows, self.rows, np.int32)
         vocab = self.seen.shape[1]  # the reset first: the histories it returns are the ones the sampler then reads
         self.seen, self.counts = reset_rows_jit(self.seen, self.counts, past_end, np.zeros((self.rows, vocab), bool),
@@ -280,5 +286,7 @@ class PagedGenerator(Generator):
             ids = np.zeros((3, size), np.int32)
             ids[0, :groups] = np.arange(1, groups + 1)
             idle = RaggedBatch(np.zeros((self.rows, width), np.int32), *np.zeros((2, self.rows), np.int32))
-            logits, _ = self._run_step(np.zeros(size, np.int32), ids, idle, np.zeros(self.rows, np.int32))
+            for query_block in [QUERY_BLOCK, 1] if size in self.decode_sizes else [QUERY_BLOCK]:
+                logits, _ = self._run_step(np.zeros(size, np.int32), ids, idle, np.zeros(self.rows, np.int32),
+                                           query_block)
             self._warm_sampler(logits, past_end, prompts=None)

@@ -11,7 +11,9 @@ A request with no query tokens is padding. A query at position p sees the keys a
 so a decode token (q_len 1), a chunk of a prompt and a whole prompt are the same computation.
 
 The tokens are cut into query blocks of `block` tokens of one request (`work_items`, as the LoRA prefill kernels
-cut tokens into tiles of one adapter); each block gathers its request's page table's pages once.
+cut tokens into tiles of one adapter); each block gathers its request's page table's pages once. With `block` 1
+each token is its own block and attends in place (no block bookkeeping): the fastest layout for steps of one token
+per request (decode), where larger blocks would be one real row and padding.
 """
 
 from __future__ import annotations
@@ -59,13 +61,21 @@ def check_paged_operands(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, p
             raise ValueError(f"{name} has shape {lens.shape}; expected ({page_tables.shape[0]},), one per request")
 
 
+def request_keys(pages: jax.Array, tables: jax.Array) -> jax.Array:
+    """(n, kv_heads, pages_per_request·page_size, head_dim): the pages of each of n page tables, in token order."""
+    gathered = pages[tables]  # (n, pages_per_request, kv_heads, page_size, head_dim)
+    n, _, kv_heads, _, head_dim = gathered.shape
+    return gathered.transpose(0, 2, 1, 3, 4).reshape(n, kv_heads, -1, head_dim)
+
+
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_tables: jax.Array,
                     kv_lens: jax.Array, q_lens: jax.Array, *, scale: float, block: int = 16) -> jax.Array:
     """softmax(q·kᵀ·scale)·v of every query token over its request's keys up to its own position (layouts above),
     (T, kv_heads, groups, head_dim) float32; `block` query tokens of one request share one gather of its pages."""
     check_paged_operands(q, k_pages, v_pages, page_tables, kv_lens, q_lens)
+    if block == 1:
+        return _attention_per_token(q, k_pages, v_pages, page_tables, kv_lens, q_lens, scale)
     tokens, kv_heads, groups, head_dim = q.shape
-    page_size = k_pages.shape[2]
     blocks = query_blocks(q_lens, tokens, block)
     query_starts = jnp.cumsum(q_lens) - q_lens
     rows = blocks.start[:, None] + jnp.arange(block)  # (blocks, block) token index of each row
@@ -73,14 +83,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     kv_len, q_len = kv_lens[blocks.request], q_lens[blocks.request]
     position = (kv_len - q_len - query_starts[blocks.request])[:, None] + rows  # of each row's query
     queries = q[jnp.minimum(rows, tokens - 1)]  # (blocks, block, kv_heads, groups, head_dim)
-
-    def keys_of(pages: jax.Array) -> jax.Array:
-        """(blocks, kv_heads, pages_per_request·page_size, head_dim): each block's request's pages in order."""
-        gathered = pages[page_tables[blocks.request]]  # (blocks, pages_per_request, kv_heads, page_size, head_dim)
-        return gathered.transpose(0, 2, 1, 3, 4).reshape(gathered.shape[0], kv_heads, -1, head_dim)
-
-    keys, values = keys_of(k_pages), keys_of(v_pages)
-    key_position = jnp.arange(page_tables.shape[1] * page_size)
+    keys, values = (request_keys(pages, page_tables[blocks.request]) for pages in (k_pages, v_pages))
+    key_position = jnp.arange(keys.shape[2])
     # rows past a block's end see every key (never an all-masked softmax) and are dropped below
     visible = (key_position[None, None, :] <= position[:, :, None]) | ~row_ok[:, :, None]
     scores = jnp.einsum("wqkgd,wktd->wkgqt", queries, keys, preferred_element_type=jnp.float32) * scale
@@ -89,3 +93,21 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     destination = jnp.where(row_ok, rows, tokens).reshape(-1)
     flat = out.reshape(-1, kv_heads, groups, head_dim)
     return jnp.zeros((tokens, kv_heads, groups, head_dim), jnp.float32).at[destination].set(flat, mode="drop")
+
+
+def _attention_per_token(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_tables: jax.Array,
+                         kv_lens: jax.Array, q_lens: jax.Array, scale: float) -> jax.Array:
+    """paged_attention with blocks of one token: each token gathers its request's pages and attends in place."""
+    tokens = q.shape[0]
+    ends = jnp.cumsum(q_lens)
+    token = jnp.arange(tokens)
+    request = jnp.minimum(jnp.searchsorted(ends, token, side="right"), q_lens.shape[0] - 1)
+    used = token < ends[-1]  # tokens past the requests' are padding
+    position = kv_lens[request] - ends[request] + token  # kv_len - q_len + the token's index in its request
+    keys, values = (request_keys(pages, page_tables[request]) for pages in (k_pages, v_pages))
+    # padding tokens see every key (never an all-masked softmax) and are zeroed below
+    visible = (jnp.arange(keys.shape[2]) <= position[:, None]) | ~used[:, None]
+    scores = jnp.einsum("tkgd,tksd->tkgs", q, keys, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("tkgs,tksd->tkgd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return jnp.where(used[:, None, None, None], out, 0.0)
