@@ -9,6 +9,7 @@ import pytest
 from helpers import FIXTURE_ADAPTERS
 
 from bdlora_jax import Engine
+from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.engine.generator import Request
 from bdlora_jax.engine.metrics import CompileCounter
 from bdlora_jax.engine.page_pool import PagePool, page_keys
@@ -21,6 +22,7 @@ LENGTHS = (3, 17, 9, 30, 12, 5, 21, 16, 40, 7)
 ADAPTERS = [None, "lora_r8", "bdlora_nb2_r8", "lora_rs_r4_qv", None, "bdlora_nb4_r8", "lora_r8", "bdlora_nb2_r8",
             "lora_rs_r4_qv", None]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+GREEDY_SHORT = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 PENALISED = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5,
                            frequency_penalty=0.4, logit_bias=((7, 3.0),))
 
@@ -183,5 +185,23 @@ def test_no_compilation_after_warm_up_in_a_mixed_paged_run(hf_dir):
     requests = [dataclasses.replace(r, params=dataclasses.replace(params[i % len(params)], ignore_eos=True))
                 for i, r in enumerate(_requests(eng.model_config.vocab_size) * 2)]
     eng.generator.run(requests)
+    assert all(r.finish_reason == "length" for r in requests)
+    assert CompileCounter.count() == before
+
+
+def test_warm_up_with_more_adapter_slots_than_the_smallest_step_has_tokens_compiles_every_step(hf_dir):
+    CompileCounter.install()
+    eng = Engine.from_pretrained(hf_dir / "model", mesh="1x1", max_loras=16, max_lora_rank=8, max_batch=16,
+                                 max_seq_len=16, kv_cache="paged", page_size=4, max_num_batched_tokens=16)
+    for i in range(16):
+        eng.add_adapter(f"r{i}", random_adapter(eng.model_config, f"r{i}", rank=8, seed=i))
+    assert eng.generator.step_sizes[0] < eng.generator.group_sizes[-1]  # 8 tokens, up to 16 distinct adapters
+    eng.pool.warm_up()
+    eng.generator.warm_up()
+    before = CompileCounter.count()
+    rng = np.random.default_rng(1)
+    requests = [Request(list(map(int, rng.integers(1, eng.model_config.vocab_size, 1 + i % 5))), f"r{i}", GREEDY_SHORT)
+                for i in range(16)]
+    eng.generator.run(requests)  # 16 distinct adapters in the decode steps, fewer in the prompt steps
     assert all(r.finish_reason == "length" for r in requests)
     assert CompileCounter.count() == before

@@ -283,8 +283,10 @@ class PagedGenerator(Generator):
         self.seen, self.counts = reset_rows_jit(self.seen, self.counts, past_end, np.zeros((self.rows, vocab), bool),
                                                 np.zeros((self.rows, vocab), np.int32))
         for size, width, groups in itertools.product(self.step_sizes, self.table_widths, [0, *self.group_sizes]):
+            if groups > bucket(min(size, self.group_sizes[-1]), self.group_sizes):
+                continue  # more distinct adapters than a step of `size` tokens can hold
             ids = np.zeros((3, size), np.int32)
-            ids[0, :groups] = np.arange(1, groups + 1)
+            ids[0, :min(groups, size)] = np.arange(1, min(groups, size) + 1)
             idle = RaggedBatch(np.zeros((self.rows, width), np.int32), *np.zeros((2, self.rows), np.int32))
             for query_block in [QUERY_BLOCK, 1] if size in self.decode_sizes else [QUERY_BLOCK]:
                 logits, _ = self._run_step(np.zeros(size, np.int32), ids, idle, np.zeros(self.rows, np.int32),
