@@ -32,7 +32,14 @@ from bdlora_jax.bench.load_metrics import (
     peak_overlap,
     summarize,
 )
-from bdlora_jax.bench.load_workload import WorkItem, arrival_offsets, assign_adapters, read_dataset, sample_lengths
+from bdlora_jax.bench.load_workload import (
+    WorkItem,
+    arrival_offsets,
+    assign_adapters,
+    random_workload,
+    read_dataset,
+    sample_lengths,
+)
 from bdlora_jax.demo import demo_adapters
 
 pytestmark = pytest.mark.xdist_group("bench_load")  # one worker builds the module's served engine once
@@ -77,6 +84,14 @@ def test_lengths_are_uniform_within_the_range():
     assert sample_lengths(1000, 1, 0.9, np.random.default_rng(0)).min() >= 1
     with pytest.raises(ValueError, match="--range-ratio"):
         sample_lengths(1, 8, 1.0, np.random.default_rng(0))
+
+
+def test_output_lengths_take_their_own_range_ratio_or_the_inputs():
+    both = random_workload(500, 40, 20, 0.5, 100, np.random.default_rng(0))
+    assert len({len(item.prompt) for item in both}) > 1 and len({item.max_tokens for item in both}) > 1
+    fixed = random_workload(500, 40, 20, 0.5, 100, np.random.default_rng(0), output_range_ratio=0.0)
+    assert {item.max_tokens for item in fixed} == {20}
+    assert min(len(item.prompt) for item in fixed) == 20 and max(len(item.prompt) for item in fixed) == 60
 
 
 def test_adapter_assignment_round_robin_random_and_zipf():

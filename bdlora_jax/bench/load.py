@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="max_tokens of each request (and of dataset lines without one)")
     prompts.add_argument("--range-ratio", type=float, default=0.0,
                          help="lengths uniform in [len*(1-r), len*(1+r)]")
+    prompts.add_argument("--output-range-ratio", type=float, default=None,
+                         help="the same for output lengths alone (default: --range-ratio, as vLLM applies it)")
     prompts.add_argument("--vocab-size", type=int, default=256,
                          help="random token ids are drawn from [0, vocab-size); 256 suits the demo model")
     prompts.add_argument("--dataset", type=Path, default=None,
@@ -99,7 +101,7 @@ def workload(args: argparse.Namespace) -> tuple[list, list[str]]:
         items = read_dataset(args.dataset, args.output_len)[:args.num_prompts]
     else:
         items = random_workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab_size,
-                                rng)
+                                rng, args.output_range_ratio)
     names = [n for n in (args.lora_modules or "").split(",") if n]
     if names:
         assigned = assign_adapters(names, len(items), args.lora_assignment, np.random.default_rng([args.seed, 2]),
@@ -137,7 +139,8 @@ def run(args: argparse.Namespace) -> dict:
         records.append(run_records)
     report = {"setup": {"base_url": args.base_url, "num_prompts": len(items), "models": sorted(set(models)),
                         "dataset": str(args.dataset) if args.dataset else None, "input_len": args.input_len,
-                        "output_len": args.output_len, "range_ratio": args.range_ratio, "seed": args.seed},
+                        "output_len": args.output_len, "range_ratio": args.range_ratio,
+                        "output_range_ratio": args.output_range_ratio, "seed": args.seed},
               "runs": runs}
     if args.plot is not None:
         plot_sweep(runs, args.plot)

@@ -53,12 +53,13 @@ def sample_lengths(n: int, length: int, range_ratio: float, rng: np.random.Gener
 
 
 def random_workload(n: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
-                    rng: np.random.Generator) -> list[WorkItem]:
-    """n prompts of random token ids in [0, vocab_size), their lengths and max_tokens drawn by sample_lengths."""
+                    rng: np.random.Generator, output_range_ratio: float | None = None) -> list[WorkItem]:
+    """n prompts of random token ids in [0, vocab_size), their lengths and max_tokens drawn by sample_lengths
+    (max_tokens within output_range_ratio, by default range_ratio as well)."""
     if vocab_size < 1:
         raise ValueError(f"--vocab-size must be >= 1, got {vocab_size}")
     inputs = sample_lengths(n, input_len, range_ratio, rng)
-    outputs = sample_lengths(n, output_len, range_ratio, rng)
+    outputs = sample_lengths(n, output_len, range_ratio if output_range_ratio is None else output_range_ratio, rng)
     return [WorkItem([int(t) for t in rng.integers(0, vocab_size, size=int(i))], int(o))
             for i, o in zip(inputs, outputs)]
 
