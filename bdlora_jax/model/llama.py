@@ -36,6 +36,7 @@ from ..sharding import (
 )
 from .attention import block_causal_attention, reference_attention
 from .paged_attention import paged_attention
+from .paged_kernel import sharded_paged_attention
 
 Bank = dict[str, tuple[jax.Array, jax.Array]]
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -245,8 +246,12 @@ class DecoderLayer(nnx.Module):
         pages = (write(pages[0], k), write(pages[1], v))
         groups = cfg.num_heads // cfg.num_kv_heads
         grouped = q.reshape(tokens, cfg.num_kv_heads, groups, cfg.head_dim)
-        out = paged_attention(grouped, *pages, batch.page_tables, batch.kv_lens, batch.q_lens,
-                              scale=cfg.head_dim ** -0.5, block=query_block)
+        operands = (grouped, *pages, batch.page_tables, batch.kv_lens, batch.q_lens)
+        if self.attn.lora_impl == "xla":
+            out = paged_attention(*operands, scale=cfg.head_dim ** -0.5, block=query_block)
+        else:  # the Pallas kernel, in its own query blocks
+            out = sharded_paged_attention(self.plan, *operands, scale=cfg.head_dim ** -0.5,
+                                          interpret=self.attn.lora_impl == "pallas_interpret")
         out = out.astype(x.dtype).reshape(tokens, 1, cfg.q_dim)
         return self.attn.apply("o_proj", out, self.index, adapters, routing), pages
 
