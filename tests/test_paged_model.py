@@ -1,6 +1,7 @@
-"""Ragged steps over a paged KV cache give the full forward's logits: any chunking of prompts, decode tokens beside
-prompt chunks in one step, each token with its own adapter (none, dense LoRA, BD-LoRA), on every mesh × strategy;
-and the Pallas paged-attention kernel (interpret mode) in the ragged step gives the XLA attention's logits."""
+"""Ragged steps over a paged KV cache (decode tokens beside prompt chunks in one step, each token with its own
+adapter: none, dense LoRA, BD-LoRA) give the contiguous cache's logits on every mesh × strategy, and the same logits
+in any chunking as one-shot prefill; the Pallas paged-attention kernel (interpret mode) in the ragged step gives the
+XLA attention's logits and lowers for CUDA to one Triton call per layer."""
 
 import dataclasses
 from functools import partial
@@ -9,14 +10,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import MESHES
 
 from bdlora_jax import Engine
 from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.bench.triton_lowering import triton_kernels
 from bdlora_jax.config import ModelConfig
 from bdlora_jax.mesh import make_mesh
-from bdlora_jax.model.llama import AdapterBatch, RaggedBatch, abstract_model, init_model, init_pages, ragged_forward
-from bdlora_jax.sharding import make_plan
+from bdlora_jax.model.llama import (
+    AdapterBatch,
+    RaggedBatch,
+    abstract_model,
+    forward,
+    init_cache,
+    init_model,
+    init_pages,
+    ragged_forward,
+)
+from bdlora_jax.sharding import STRATEGIES, make_plan
 
 LENGTH = 12
 PAGE_SIZE = 4
@@ -27,44 +38,83 @@ CHUNKS = [[5, 4, 1, 1, 1],   # a prompt in two chunks, then decode tokens
           [12, 0, 0, 0, 0],  # one whole prompt, then idle
           [3, 3, 3, 2, 1],
           [0, 6, 0, 6, 0]]   # idle steps between chunks
-MESH_STRATEGIES = [("1x1", "bdlora"), ("1x8", "slora"), ("1x8", "bdlora"), ("2x4", "bdlora"), ("1x4", "replicated"),
-                   ("1x2", "slora")]
 
 
-@pytest.mark.parametrize("mesh,strategy", MESH_STRATEGIES)
-def test_ragged_paged_steps_equal_the_full_forward(hf_dir, mesh, strategy):
+ROWS = 8  # the contiguous cache's batch: the requests and padding rows, a multiple of the data axis
+CHUNKINGS_ON = [("1x1", "bdlora"), ("2x4", "slora"), ("1x2", "replicated")]
+
+
+def _engine(hf_dir, mesh: str, strategy: str) -> Engine:
     eng = Engine.from_pretrained(hf_dir / "model", mesh=mesh, strategy=strategy, max_loras=3, max_lora_rank=32)
     eng.add_adapter("lora", hf_dir / "adapters" / "lora_rs_r4_qv")
     eng.add_adapter("bd", random_adapter(eng.model_config, "bd", rank=8, nblocks=8, seed=4))
-    rng = np.random.default_rng(1)
-    sequences = [list(rng.integers(0, eng.model_config.vocab_size, LENGTH)) for _ in NAMES]
-    full = eng.batch_logits(sequences, NAMES)
-    slots = eng.pool.slots_for(NAMES)
+    return eng
 
+
+def _sequences(eng: Engine) -> list[list[int]]:
+    rng = np.random.default_rng(1)
+    return [list(map(int, rng.integers(0, eng.model_config.vocab_size, LENGTH))) for _ in NAMES]
+
+
+def _ragged_paged_steps(eng: Engine, sequences: list[list[int]], chunks: list[list[int]] = CHUNKS):
+    """Feed chunks (per request, tokens per step) through ragged steps over shuffled pages; yield (step, q_lens, positions fed before, logits of
+    the step's real tokens in request order)."""
+    slots = eng.pool.slots_for(NAMES)
     per_request = -(-LENGTH // PAGE_SIZE)
     num_pages = len(NAMES) * per_request + 2
-    page_tables = rng.permutation(num_pages)[:len(NAMES) * per_request].reshape(len(NAMES), per_request)
+    page_tables = np.random.default_rng(2).permutation(num_pages)[:len(NAMES) * per_request].reshape(
+        len(NAMES), per_request)
     pages = init_pages(eng.model_config, eng.plan, num_pages, PAGE_SIZE)
     step = jax.jit(partial(ragged_forward, eng.graphdef), donate_argnums=(2,), static_argnames="query_block")
     tokens_fed = np.zeros(len(NAMES), np.int32)
-    for s in range(len(CHUNKS[0])):
-        q_lens = np.array([chunks[s] for chunks in CHUNKS], np.int32)
-        tokens, token_slots, expected = [], [], []
-        for r, n in enumerate(q_lens):
-            for p in range(tokens_fed[r], tokens_fed[r] + n):
-                tokens.append(sequences[r][p])
-                token_slots.append(slots[r])
-                expected.append(full[r][p])
-        padded = -(-(len(tokens) + 1) // 8) * 8  # at least one padding token, a multiple of the data axis
-        tokens += [0] * (padded - len(tokens))
-        token_slots += [0] * (padded - len(token_slots))
+    for s in range(len(chunks[0])):
+        q_lens = np.array([per_step[s] for per_step in chunks], np.int32)
+        tokens = [sequences[r][p] for r, n in enumerate(q_lens) for p in range(tokens_fed[r], tokens_fed[r] + n)]
+        token_slots = [slots[r] for r, n in enumerate(q_lens) for _ in range(n)]
+        real = len(tokens)
+        padded = -(-(real + 1) // 8) * 8  # at least one padding token, a multiple of the data axis
+        before = tokens_fed.copy()
         tokens_fed += q_lens
         batch = RaggedBatch(jnp.asarray(page_tables, jnp.int32), jnp.asarray(tokens_fed), jnp.asarray(q_lens))
-        adapters = AdapterBatch(eng.pool.bank, jnp.asarray(token_slots, jnp.int32))
-        logits, pages = step(eng.state, jnp.asarray(tokens, jnp.int32), pages, batch, adapters,
+        adapters = AdapterBatch(eng.pool.bank, jnp.asarray(token_slots + [0] * (padded - real), jnp.int32))
+        logits, pages = step(eng.state, jnp.asarray(tokens + [0] * (padded - real), jnp.int32), pages, batch, adapters,
                              query_block=(16, 4, 1)[s % 3])  # 1: per token, as decode steps attend
-        np.testing.assert_allclose(np.asarray(logits)[:len(expected)], np.stack(expected), atol=1e-5, rtol=0,
-                                   err_msg=f"step {s}")
+        yield s, q_lens, before, np.asarray(logits)[:real]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("mesh", MESHES)
+def test_paged_attention_equals_the_contiguous_cache_fed_the_same_chunks(hf_dir, mesh, strategy):
+    eng = _engine(hf_dir, mesh, strategy)
+    sequences = _sequences(eng)
+    cache = init_cache(eng.model_config, eng.plan, ROWS, 2 * LENGTH)
+    contiguous = jax.jit(partial(forward, eng.graphdef), donate_argnums=(3,))
+    row_slots = jnp.asarray(eng.pool.slots_for(NAMES + [None] * (ROWS - len(NAMES))), jnp.int32)
+    for s, q_lens, before, got in _ragged_paged_steps(eng, sequences):
+        want = {}
+        for n in sorted(set(q_lens.tolist()) - {0}):  # one contiguous call per chunk length in this step
+            tokens = np.zeros((ROWS, LENGTH), np.int32)  # one shape: past a chunk, padding the causal mask hides
+            start = np.zeros(ROWS, np.int32)  # every row writes past its real tokens; later chunks overwrite that
+            for r, q in enumerate(q_lens):
+                start[r] = before[r] if q == n else before[r] + q
+                if q == n:
+                    tokens[r, :n] = sequences[r][before[r]:before[r] + n]
+            logits, cache = contiguous(eng.state, jnp.asarray(tokens), jnp.asarray(start), cache,
+                                       AdapterBatch(eng.pool.bank, row_slots))
+            want.update({r: np.asarray(logits)[r, :n] for r, q in enumerate(q_lens) if q == n})
+        expected = np.concatenate([want[r] for r, q in enumerate(q_lens) if q])
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=f"step {s}")
+
+
+@pytest.mark.parametrize("mesh,strategy", CHUNKINGS_ON)
+def test_ragged_paged_steps_in_any_chunking_equal_one_shot_prefill(hf_dir, mesh, strategy):
+    eng = _engine(hf_dir, mesh, strategy)
+    sequences = _sequences(eng)
+    [(_, _, _, one_shot)] = _ragged_paged_steps(eng, sequences, [[LENGTH]] * len(NAMES))
+    full = one_shot.reshape(len(NAMES), LENGTH, -1)
+    for s, q_lens, before, got in _ragged_paged_steps(eng, sequences):
+        expected = np.stack([full[r][p] for r, q in enumerate(q_lens) for p in range(before[r], before[r] + q)])
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=f"step {s}")
 
 
 KERNEL_CONFIG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=8,
