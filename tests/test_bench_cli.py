@@ -8,6 +8,8 @@ from bdlora_jax.config import STRATEGIES
 
 LLAMA_8B = "configs/models/llama-3.1-8b.yaml"
 SMALL_32K = "configs/models/small-32k.yaml"
+CLUSTER_FLAGS = {"coordinator_address": None, "num_processes": None, "process_id": None,
+                 "cpu_devices_per_process": None}
 DEFAULTS = {
     "comm": {"model": LLAMA_8B, "mesh": "1x8", "strategy": "bdlora", "dtype": "bfloat16", "json": False, "rank": 16,
              "batch": 16, "seq_len": 2048, "max_loras": 8},
@@ -52,7 +54,8 @@ def test_every_subcommand_module_has_the_interface():
 @pytest.mark.parametrize("command", list(DEFAULTS))
 def test_flags_and_defaults_of_each_subcommand(command):
     args = vars(build_parser().parse_args([command]))
-    assert args == {"command": command, **DEFAULTS[command]}
+    cluster = CLUSTER_FLAGS if "mesh" in DEFAULTS[command] else {}  # the multi-process flags go with --mesh
+    assert args == {"command": command, **DEFAULTS[command], **cluster}
 
 
 def test_ablate_takes_a_config_and_an_output_root():

@@ -1,12 +1,13 @@
 """The `python -m bdlora_jax.bench <subcommand>` command line: the registry of subcommands, the parser built from
-it, and main (emulated CPU devices, logging, the report printed as a table or as one JSON object)."""
+it, and main (emulated CPU devices or the multi-process job, logging, the report printed as a table or as one JSON
+object by process 0)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from ..mesh import emulate_host_devices
+from ..distributed import is_leader, start_from_args
 from . import ablate, comm, compress, cost, demo_accuracy, kernel, load, lower, serve, step, train
 from .common import emit_report
 
@@ -33,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the subcommand and print its report; returns the exit status."""
     args = build_parser().parse_args(argv)
-    emulate_host_devices(getattr(args, "mesh", "1x1"))
+    cluster = start_from_args(args, getattr(args, "mesh", "1x1"))
     logging.basicConfig(level=logging.INFO if not args.json else logging.WARNING, format="%(message)s")
     module = {m.NAME: m for m in SUBCOMMANDS}[args.command]
-    emit_report(module.run(args), args.json, module.print_report)
+    report = module.run(args)
+    if not cluster.multi_process or is_leader():  # every process measures; process 0 reports
+        emit_report(report, args.json, module.print_report)
     return 0

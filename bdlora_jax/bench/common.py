@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 
 from ..config import DTYPES, STRATEGIES
+from ..distributed import add_cluster_flags
 
 # The default model of the subcommands that compile Llama-3.1-8B shapes; the path is the shipped config's
 # (bdlora_jax/configs/models), so it resolves from any working directory.
@@ -20,12 +21,13 @@ MODEL_HELP = "a model config (configs/models/*.yaml or a shipped name, e.g. tiny
 def shared_options(*, model: str | None = None, model_help: str | None = None, mesh: str | None = None,
                    strategy: bool = False, dtype: str | None = None) -> argparse.ArgumentParser:
     """A parent parser (for argparse's `parents=`) holding the shared options a subcommand takes, with its
-    defaults: --model, --mesh and --dtype where a default is given, --strategy where asked, and always --json."""
+    defaults: --model, --mesh (with the multi-process flags) and --dtype where a default is given, --strategy where asked, and always --json."""
     parser = argparse.ArgumentParser(add_help=False)
     if model is not None:
         parser.add_argument("--model", default=model, help=model_help or MODEL_HELP)
     if mesh is not None:
         parser.add_argument("--mesh", default=mesh, help="DxM device mesh, e.g. 1x8 (emulated on a CPU-only host)")
+        add_cluster_flags(parser)
     if strategy:
         parser.add_argument("--strategy", default="bdlora", choices=STRATEGIES)
     if dtype is not None:

@@ -21,6 +21,7 @@ from ..chat_template import ChatTemplate, load_chat_template
 from ..checkpoint import load_hf_params, load_model_config, load_tokenizer
 from ..config import EngineConfig, ModelConfig
 from ..demo import DEMO_MODEL, is_demo_model, resolve_model_path
+from ..distributed import to_host
 from ..errors import (
     AdapterConflictError,
     AdapterNotFoundError,
@@ -184,7 +185,7 @@ class Engine:
             adapter_batch(self.pool.bank, self.compressed_arrays, jnp.asarray(slot_ids), jnp.asarray(clusters),
                           jnp.asarray(sigma_ids)),
         )
-        logits = np.asarray(logits, dtype=np.float32)
+        logits = to_host(logits).astype(np.float32)
         return [logits[i, :n] for i, n in enumerate(lengths)]
 
     def logits(self, token_ids: Sequence[int], adapter: str | None = None) -> np.ndarray:

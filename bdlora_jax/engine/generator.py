@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..distributed import to_host
 from ..errors import AdapterError, BdloraError, PoolFullError
 from ..model.llama import AdapterBatch, cache_shapes, forward, init_cache, slot_groups
 from ..text_stream import TextStream
@@ -354,17 +355,17 @@ class Generator:
         steps = [len(r.output) if r is not None else 0 for r in requests]
         plain = not any(adjusting) and all(p.logprobs is None for p in params)
         if plain and greedy is not None and all(p.temperature == 0 for p in params):
-            return np.asarray(greedy), None
+            return to_host(greedy), None
         if plain:
             tokens, _ = _sample(logits, self._sampling(params, steps))
-            return np.asarray(tokens), None
+            return to_host(tokens), None
         if prompts is not None:
             seen = prompt_mask(prompts, len(requests), self.seen.shape[1])
             self.seen, self.counts = reset_rows_jit(self.seen, self.counts, state_rows, seen)
         adjustments = (*self._adjustment_arrays(requests, adjusting), self.seen, self.counts, state_rows)
         tokens, logprobs = _sample(logits, self._sampling(params, steps), adjustments, top_logprobs=self.top_logprobs)
         self.counts = record_tokens_jit(self.counts, state_rows, tokens)
-        return np.asarray(tokens), tuple(np.asarray(a) for a in logprobs)
+        return to_host(tokens), tuple(to_host(a) for a in logprobs)
 
     def _adjustment_arrays(self, requests: list[Request | None], adjusting: list[bool]):
         """Per-row (ids, values) of the sparse additions (logit_bias, and -inf on the stop tokens of a row still

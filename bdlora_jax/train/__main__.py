@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from ..distributed import add_cluster_flags, is_leader, start_from_args
 from ..host_memory import keep_freed_memory, run_cpu_steps_synchronously
-from ..mesh import emulate_host_devices
 
 
 def load_config(path: Path | None, overrides: list[str]):
@@ -48,22 +48,29 @@ def load_config(path: Path | None, overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train as the config and overrides say (on every process of a multi-process job), export, print the result."""
     keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m bdlora_jax.train", description=__doc__)
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="field=value, e.g. rank=16 mesh=1x8 adapters.upper=data.jsonl")
+    parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                        help="save and stop after step N of the run's schedule; a later run resumes there")
+    add_cluster_flags(parser)
     args = parser.parse_args(argv)
+    if args.stop_at_step is not None and args.stop_at_step < 1:
+        raise SystemExit(f"--stop-at-step {args.stop_at_step}: expected a step number of at least 1")
     cfg = load_config(args.config, args.overrides)
-    emulate_host_devices(cfg.mesh)
+    cluster = start_from_args(args, cfg.mesh)
     run_cpu_steps_synchronously()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from .trainer import Trainer
 
     trainer = Trainer(cfg)
-    records = trainer.fit()
+    records = trainer.fit(steps=args.stop_at_step)
     exported = trainer.export()
     final = records[-1] if records else {}
-    print(json.dumps({"final": final, "adapters": {k: str(v) for k, v in exported.items()}}))
+    if not cluster.multi_process or is_leader():
+        print(json.dumps({"final": final, "adapters": {k: str(v) for k, v in exported.items()}}))
     return 0
 
 

@@ -20,6 +20,7 @@ from ..adapters.adapter import LoraAdapter, ModuleFactors
 from ..adapters.bank import BankLayout, bank_key
 from ..adapters.layout import served_rank
 from ..config import COLUMN_MODULES, ModelConfig
+from ..distributed import to_host
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def _packed(blocks: np.ndarray) -> np.ndarray:
 def export(factors: dict, spec: AdapterSpec, config: ModelConfig, names: list[str], base_model: str | None = None
            ) -> list[LoraAdapter]:
     """One LoraAdapter (PEFT layout) per trained adapter, ready for write_adapter."""
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), factors)
+    host = jax.tree.map(lambda x: to_host(x).astype(np.float32), factors)
     adapters = []
     for index, name in enumerate(names):
         modules = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ..adapters.bank import BankLayout, bank_specs
 from ..adapters.peft_io import write_adapter
 from ..demo import is_demo_model, resolve_model_path
+from ..distributed import process_rows, to_host
 from ..mesh import make_mesh
 from ..model.llama import AdapterBatch, forward_hidden, init_model
 from ..sharding import make_plan
@@ -165,9 +167,9 @@ class Trainer:
         else:
             arrays = pad_batch([examples[0] for examples in rows], self.cfg.seq_len, self.pad)
         sharding = self.plan.sharding(("batch", "seq"))
-        return Batch(*(jax.device_put(a, sharding) for a in arrays[:3]),
-                     jax.device_put(np.asarray(slots, np.int32), self.plan.sharding(("batch",))),
-                     *(jax.device_put(a, sharding) for a in arrays[3:]))
+        return Batch(*(process_rows(a, sharding) for a in arrays[:3]),
+                     process_rows(np.asarray(slots, np.int32), self.plan.sharding(("batch",))),
+                     *(process_rows(a, sharding) for a in arrays[3:]))
 
     def rows(self, step: int) -> tuple[list[list[Example]], list[int]]:
         """Batch `step`'s rows, per_adapter of every adapter (each the examples it holds), and each row's slot."""
@@ -199,7 +201,7 @@ class Trainer:
                                      packed=False)
                 if filler:
                     batch = batch._replace(weights=batch.weights.at[len(chunk):].set(0.0))
-                sums, counts = self._eval(self.train_state.factors, batch, self.state)
+                sums, counts = map(to_host, self._eval(self.train_state.factors, batch, self.state))
                 loss_sum, token_count = loss_sum + float(sums[i]), token_count + float(counts[i])
             if token_count:
                 totals[name] = loss_sum / token_count
@@ -213,6 +215,7 @@ class Trainer:
 
         out = Path(self.cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        leader = jax.process_index() == 0  # every process trains and saves its shards; process 0 logs
         manager = ocp.CheckpointManager((out / "checkpoints").resolve(),
                                         options=ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_last))
         first = 0
@@ -222,12 +225,12 @@ class Trainer:
             self.train_state = TrainState(**restored)
         last = min(steps if steps is not None else self.cfg.steps, self.cfg.steps)
         records = []
-        with (out / "metrics.jsonl").open("a") as log, tqdm(range(first, last), disable=not progress,
-                                                             desc="train", initial=first, total=last) as bar:
+        with (out / "metrics.jsonl").open("a") if leader else nullcontext() as log, tqdm(
+                range(first, last), disable=not (progress and leader), desc="train", initial=first, total=last) as bar:
             for step in bar:
                 started = time.perf_counter()
                 losses = self.step(step, self.batch(step))
-                losses = np.asarray(losses)
+                losses = to_host(losses)
                 record = {"step": step + 1, "loss": float(losses.mean()),
                           "adapter_loss": dict(zip(self.names, map(float, losses))),
                           "seconds": time.perf_counter() - started}
@@ -235,8 +238,9 @@ class Trainer:
                     record["eval_loss"] = self.evaluate()
                 if (step + 1) % self.cfg.save_every == 0 or step + 1 == last:
                     manager.save(step + 1, args=ocp.args.StandardSave(self.train_state._asdict()), force=True)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                if leader:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
                 records.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
         manager.wait_until_finished()
@@ -244,8 +248,11 @@ class Trainer:
         return records
 
     def export(self, out_dir: str | Path | None = None) -> dict[str, Path]:
-        """Write every trained adapter as a PEFT directory under out_dir/adapters (or out_dir)."""
+        """Write every trained adapter as a PEFT directory under out_dir/adapters (or out_dir); every process gathers
+        the factors, process 0 writes them."""
         root = Path(out_dir) if out_dir is not None else Path(self.cfg.out_dir) / "adapters"
         adapters = export(self.train_state.factors, self.spec, self.model_config, self.names,
                           base_model=None if is_demo_model(self.cfg.model) else str(self.cfg.model))
+        if jax.process_index() != 0:
+            return {a.name: root / a.name for a in adapters}
         return {a.name: write_adapter(a, root / a.name) for a in adapters}
