@@ -161,3 +161,13 @@ def process_rows(full: np.ndarray, sharding) -> jax.Array:
     rows = [index[0].indices(full.shape[0])[:2] for index in sharding.addressable_devices_indices_map(full.shape).values()]
     start, stop = min(r[0] for r in rows), max(r[1] for r in rows)
     return jax.make_array_from_process_local_data(sharding, full[start:stop], full.shape)
+
+
+def broadcast_text(text: str, size: int = 512) -> str:
+    """Process 0's text on every process (a collective: every process calls it; the others' text is ignored)."""
+    from jax.experimental import multihost_utils
+
+    data = np.zeros(size, np.uint8)
+    encoded = text.encode()[:size]
+    data[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(data))).rstrip(b"\0").decode()

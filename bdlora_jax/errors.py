@@ -151,3 +151,8 @@ class ServerShuttingDownError(BdloraError, RuntimeError):
 
     def __init__(self):
         super().__init__("the server is shutting down and admits no new requests")
+
+
+class PeerLostError(BdloraError, RuntimeError):
+    """A process of a multi-process server stopped answering or closed its connection; the server fails what is in
+    flight and exits, since the others cannot compute without it."""

@@ -7,12 +7,16 @@ in vLLM. Bad input gets a 4xx with an OpenAI error body and never disturbs other
 
 import argparse
 import logging
+import os
+import signal
+import socket
 import sys
 from pathlib import Path
 
 from .config import DTYPES, KV_CACHES, STRATEGIES
+from .distributed import add_cluster_flags, start_from_args
+from .engine.replica_channel import FollowerChannel, LeaderChannel
 from .host_memory import keep_freed_memory
-from .mesh import emulate_host_devices
 
 log = logging.getLogger("bdlora_jax.serve")
 
@@ -61,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, refuse new requests (503) and let those in flight finish for up to this "
                         "long before exiting (default 30)")
+    add_cluster_flags(p)
+    p.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="multi-process: a process silent this long is lost; process 0 then fails every request "
+                        "(503) and exits non-zero, and followers exit when process 0 is lost (default 30)")
     return p
 
 
@@ -68,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     """Start the engine and scheduler as the flags say, warm up, and serve until SIGTERM/SIGINT has drained it."""
     keep_freed_memory()
     args = build_parser().parse_args(argv)
-    for flag, seconds in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout)):
+    for flag, seconds in (("--request-timeout", args.request_timeout), ("--shutdown-timeout", args.shutdown_timeout),
+                          ("--peer-timeout", args.peer_timeout)):
         if not 0 < seconds < float("inf"):
             raise SystemExit(f"{flag} {seconds}: expected a positive number of seconds")
-    emulate_host_devices(args.mesh)
+    cluster = start_from_args(args, args.mesh)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import uvicorn
 
@@ -103,9 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in modules.items():
         engine.add_adapter(name, path)
     served = args.served_model_name or (DEMO_MODEL if is_demo_model(args.model) else Path(args.model).resolve().name)
+    channel = connect_processes(args.peer_timeout) if cluster.multi_process else None
     scheduler = Scheduler(engine)
     log.info("warming up (compiling prefill buckets, decode step and slot writes) ...")
     scheduler.warm_up()
+    if isinstance(channel, FollowerChannel):  # replay process 0's operations until it says stop
+        return follow(engine, channel, scheduler.metrics)
+    if channel is not None:
+        scheduler.replicas = channel
+        scheduler.on_peer_lost = lambda _: os.kill(os.getpid(), signal.SIGTERM)
     scheduler.start()
     log.info("serving %s with %d adapters on mesh %s (%s) at http://%s:%d", served, len(engine.adapters), args.mesh,
              args.strategy, args.host, args.port)
@@ -114,7 +129,46 @@ def main(argv: list[str] | None = None) -> int:
                             http=with_request_timeout(args.request_timeout))
     GracefulServer(config, app.state.drain, args.shutdown_timeout).run()
     scheduler.stop()
+    if scheduler.peer_lost is not None:  # skip jax.distributed's shutdown barrier, which the lost peer never joins
+        log.error("stopped: %s", scheduler.peer_lost)
+        logging.shutdown()
+        os._exit(1)
     log.info("stopped")
+    return 0
+
+
+def connect_processes(timeout: float) -> LeaderChannel | FollowerChannel:
+    """Multi-process: process 0 opens a LeaderChannel, tells every process its address and waits for them all to
+    connect; the others get their FollowerChannel."""
+    import jax
+
+    from .distributed import broadcast_text
+
+    if jax.process_index() == 0:
+        leader = LeaderChannel(jax.process_count() - 1, timeout)
+        broadcast_text(f"{socket.gethostname()}:{leader.port}")
+        leader.accept()
+        log.info("process 0 leads %d followers", leader.num_followers)
+        return leader
+    host, _, port = broadcast_text("").rpartition(":")
+    return FollowerChannel(host, int(port), jax.process_index(), timeout)
+
+
+def follow(engine, channel: FollowerChannel, metrics) -> int:
+    """A follower's serving: replay process 0's operations until it says stop (0), or exit 1 at once when it is
+    lost (jax.distributed's shutdown barrier would wait for it)."""
+    import jax
+
+    from .engine.replica_ops import Follower
+    from .errors import PeerLostError
+
+    try:
+        Follower(engine, channel, metrics).run()
+    except PeerLostError as e:
+        log.error("process %d stops: %s", jax.process_index(), e)
+        logging.shutdown()
+        os._exit(1)
+    log.info("process %d stopped by process 0", jax.process_index())
     return 0
 
 

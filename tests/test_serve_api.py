@@ -440,8 +440,8 @@ def call_spy(scheduler):
     queued = threading.Event()
     real_call = scheduler.call
 
-    def spy(fn):
-        future = real_call(fn)
+    def spy(fn, op=None):
+        future = real_call(fn, op)
         queued.set()
         return future
 

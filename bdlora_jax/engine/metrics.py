@@ -86,6 +86,11 @@ class ServingMetrics:
     def warmed_up(self) -> None:
         self._warm_count = CompileCounter.count()
 
+    def compilations_since_warm_up(self) -> int:
+        """XLA compilations in this process since warmed_up (all of them before it)."""
+        total = CompileCounter.count()
+        return total - self._warm_count if self._warm_count is not None else total
+
     def record_tokens(self, n: int) -> None:
         """Count generated tokens and keep a 10-second window for tokens/s."""
         self.generated.inc(n)
@@ -124,7 +129,6 @@ class ServingMetrics:
         self.adapter_loads.set(pool.loads)
         self.adapter_evictions.set(pool.evictions)
         self.adapters_registered.set(len(pool.adapters))
-        total = CompileCounter.count()
-        self.compilations.set(total)
-        self.compilations_after_warmup.set(total - self._warm_count if self._warm_count is not None else total)
+        self.compilations.set(CompileCounter.count())
+        self.compilations_after_warmup.set(self.compilations_since_warm_up())
         return generate_latest(self.registry)

@@ -26,7 +26,7 @@ async def load_adapter(body: LoadBody, ctx: ServerContext = Depends(server_conte
     if body.lora_name == ctx.served_name or ctx.engine.has_adapter(body.lora_name):
         raise AdapterConflictError(body.lora_name, f"adapter name {body.lora_name!r} is already in use")
     adapter = await asyncio.to_thread(read_adapter, path, ctx.engine.model_config, body.lora_name, ctx.lora_root)
-    await asyncio.wrap_future(ctx.scheduler.add_adapter(body.lora_name, adapter))
+    await asyncio.wrap_future(ctx.scheduler.add_adapter(body.lora_name, adapter, source=path))
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

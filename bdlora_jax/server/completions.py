@@ -117,8 +117,7 @@ class SubmittedRequest:
     def cancel_unless_finished(self) -> None:
         """Free the request's row and queue place when its client has gone before it finished."""
         if self.request.finish_reason is None:
-            self.request.cancelled = True
-            self.scheduler.wake()
+            self.scheduler.cancel(self.request)
 
 
 def submit_choices(ctx: ServerContext, ids: list[int], adapter: str | None, params: SamplingParams, n: int) -> Choices:

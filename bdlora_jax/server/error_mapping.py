@@ -29,6 +29,7 @@ from ..errors import (
     MalformedBodyError,
     ModelNotFoundError,
     MultiplePromptsError,
+    PeerLostError,
     RequestFailedError,
     RequestTooLargeError,
     ServerShuttingDownError,
@@ -72,6 +73,7 @@ ERROR_KINDS: dict[type[BdloraError], ErrorKind] = {
     ForbiddenPathError: ErrorKind(403, "permission_error", "forbidden_path"),
     RequestFailedError: ErrorKind(500, "server_error", attrgetter("reason")),
     ServerShuttingDownError: ErrorKind(503, "service_unavailable_error", "shutting_down"),
+    PeerLostError: ErrorKind(503, "service_unavailable_error", "peer_lost"),
 }
 
 # codes of the errors that Starlette itself raises (no route, wrong method), which carry their own status

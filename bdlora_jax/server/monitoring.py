@@ -1,7 +1,9 @@
 """GET /health (liveness) and GET /metrics (Prometheus text), open without the API key."""
 
+import time
+
 from fastapi import APIRouter, Depends
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .context import ServerContext, server_context
 
@@ -9,9 +11,18 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health():
-    """200 while the server runs."""
-    return Response(status_code=200)
+async def health(ctx: ServerContext = Depends(server_context)):
+    """200 while the server runs; a multi-process server lists its followers: each one's compilations since
+    warm-up and seconds since it last answered. 503 once a follower is lost."""
+    replicas = ctx.scheduler.replicas
+    if replicas is None:
+        return Response(status_code=200)
+    now = time.monotonic()
+    followers = [{"process_id": f.process_id, "compilations_after_warmup": f.compilations_after_warmup,
+                  "seconds_since_answer": round(now - f.last_seen, 3)} for f in replicas.followers.values()]
+    lost = ctx.scheduler.peer_lost
+    return JSONResponse({"status": "ok" if lost is None else f"lost: {lost}", "followers": followers},
+                        status_code=200 if lost is None else 503)
 
 
 @router.get("/metrics")

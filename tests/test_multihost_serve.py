@@ -1,0 +1,168 @@
+"""A two-process server (2 processes × 4 CPU devices, `--mesh 1x8 --strategy bdlora`, jax.distributed over gloo):
+started through bdlora_jax.launch it answers the official `openai` client with the greedy completions of a
+single-process 1x8 engine (test_serve_live shows a single-process server gives those too), loads and unloads an
+adapter at runtime on both processes, and compiles nothing after warm-up on either. Started by hand (no launcher
+to stop the others): a follower killed with SIGKILL mid-stream makes process 0 fail its requests with 503
+peer_lost and exit non-zero within --peer-timeout, and a killed process 0 makes the follower exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from bdlora_jax.demo import demo_adapters
+
+pytestmark = [pytest.mark.xdist_group("multihost_serve"), pytest.mark.slow]
+
+LIMITS = ["--mesh", "1x8", "--strategy", "bdlora", "--max-batch", "4", "--max-seq-len", "64", "--max-loras", "4",
+          "--max-lora-rank", "16"]
+PROMPT = "Hello, two processes"
+START_TIMEOUT = 600.0
+PEER_TIMEOUT = 20
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, procs: list[subprocess.Popen], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        assert all(p.poll() is None for p in procs), log.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The server through the launcher: (base url, log path)."""
+    log = tmp_path_factory.mktemp("launched") / "server.log"
+    port = free_port()
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bdlora_jax.launch", "--num-processes", "2",
+                                 "--cpu-devices-per-process", "4", "--", "serve", *LIMITS, "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [proc], log)
+        yield url, log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The single-process reference: the same model, mesh, strategy, limits and adapters in this process."""
+    from bdlora_jax import Engine
+
+    engine = Engine.from_pretrained("demo", mesh="1x8", strategy="bdlora", max_loras=4, max_lora_rank=16,
+                                    max_batch=4, max_seq_len=64)
+    for name, path in demo_adapters().items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+def _greedy(engine, adapter: str | None) -> str:
+    [done] = engine.generate([PROMPT], adapters=[adapter], max_tokens=12, temperature=0.0)
+    return done.text
+
+
+def test_two_processes_answer_the_openai_client_as_one_process_does(launched, engine, tmp_path):
+    from bdlora_jax.adapters.peft_io import write_adapter
+    from bdlora_jax.adapters.synthetic import random_adapter
+
+    url, log = launched
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+    for model in ["demo", *sorted(demo_adapters())]:
+        got = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+        assert got.choices[0].text == _greedy(engine, None if model == "demo" else model), model
+
+    live = write_adapter(random_adapter(engine.model_config, "live-bd", rank=16, nblocks=8, seed=5),
+                         tmp_path / "live-bd")
+    engine.add_adapter("live-bd", live)
+    assert httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "live-bd", "lora_path": str(live)},
+                      timeout=120).status_code == 200
+    got = client.completions.create(model="live-bd", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert got.choices[0].text == _greedy(engine, "live-bd")
+    assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "live-bd"}, timeout=120).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="live-bd", prompt=PROMPT, max_tokens=4)
+    got = client.completions.create(model=min(demo_adapters()), prompt=PROMPT, max_tokens=12, temperature=0)
+    assert got.choices[0].text == _greedy(engine, min(demo_adapters()))  # both processes still in step
+
+    health = httpx.get(f"{url}/health", timeout=30).json()
+    assert health["status"] == "ok" and [f["process_id"] for f in health["followers"]] == [1]
+    assert health["followers"][0]["compilations_after_warmup"] == 0
+    assert "bdlora_compilations_after_warmup 0.0" in httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+    assert "Traceback" not in log.read_text(errors="replace")
+
+
+def _start_by_hand(tmp_path: Path) -> tuple[str, list[subprocess.Popen], Path]:
+    """Process 0 and 1 of a server started without the launcher: (url, [leader, follower], log); long enough
+    sequences that a stream is still going when a process is killed."""
+    port, log = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "BDLORA_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "BDLORA_NUM_PROCESSES": "2",
+           "BDLORA_CPU_DEVICES_PER_PROCESS": "4", "JAX_PLATFORMS": "cpu"}
+    procs = []
+    with log.open("ab") as out:
+        for pid in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bdlora_jax.serve", *LIMITS, "--max-seq-len", "256", "--port", str(port),
+                 "--peer-timeout", str(PEER_TIMEOUT)],
+                env={**env, "BDLORA_PROCESS_ID": str(pid)}, stdout=out, stderr=subprocess.STDOUT))
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, procs, log)
+    return url, procs, log
+
+
+def test_a_killed_follower_fails_the_streams_with_503_and_process_0_exits(tmp_path):
+    url, (leader, follower), log = _start_by_hand(tmp_path)
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=120,
+                          json={"model": "demo", "prompt": PROMPT, "max_tokens": 230, "temperature": 0,
+                                "ignore_eos": True, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))  # tokens are flowing
+            killed = time.monotonic()
+            follower.send_signal(signal.SIGKILL)
+            rest = list(lines)
+        assert any('"peer_lost"' in line for line in rest), rest[-5:]
+        assert leader.wait(timeout=PEER_TIMEOUT + 30) != 0
+        assert time.monotonic() - killed < PEER_TIMEOUT + 30
+        assert "follower process 1" in log.read_text(errors="replace")
+    finally:
+        stop([leader, follower])
+
+
+def test_a_killed_process_0_makes_the_follower_exit(tmp_path):
+    _, (leader, follower), log = _start_by_hand(tmp_path)
+    try:
+        leader.send_signal(signal.SIGKILL)
+        assert follower.wait(timeout=PEER_TIMEOUT + 30) != 0
+        assert "leader (process 0)" in log.read_text(errors="replace")
+    finally:
+        stop([leader, follower])
