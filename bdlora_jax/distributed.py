@@ -12,12 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from .mesh import emulate_host_devices
 
 if TYPE_CHECKING:
     import jax
+    import numpy as np
 
 ENV = {"coordinator_address": "BDLORA_COORDINATOR_ADDRESS", "num_processes": "BDLORA_NUM_PROCESSES",
        "process_id": "BDLORA_PROCESS_ID", "cpu_devices_per_process": "BDLORA_CPU_DEVICES_PER_PROCESS"}
@@ -144,6 +143,8 @@ def is_leader() -> bool:
 
 def to_host(array) -> np.ndarray:
     """A device array's whole value on this process, gathering the shards other processes hold when it spans them."""
+    import numpy as np
+
     if getattr(array, "is_fully_addressable", True) or array.is_fully_replicated:
         return np.asarray(array)
     from jax.experimental import multihost_utils
@@ -165,6 +166,7 @@ def process_rows(full: np.ndarray, sharding) -> jax.Array:
 
 def broadcast_text(text: str, size: int = 512) -> str:
     """Process 0's text on every process (a collective: every process calls it; the others' text is ignored)."""
+    import numpy as np
     from jax.experimental import multihost_utils
 
     data = np.zeros(size, np.uint8)

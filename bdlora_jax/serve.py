@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import DTYPES, KV_CACHES, STRATEGIES
-from .distributed import add_cluster_flags, start_from_args
+from .distributed import Cluster, add_cluster_flags, start_from_args
 from .engine.replica_channel import FollowerChannel, LeaderChannel
 from .host_memory import keep_freed_memory
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in modules.items():
         engine.add_adapter(name, path)
     served = args.served_model_name or (DEMO_MODEL if is_demo_model(args.model) else Path(args.model).resolve().name)
-    channel = connect_processes(args.peer_timeout) if cluster.multi_process else None
+    channel = connect_processes(cluster, args.peer_timeout) if cluster.multi_process else None
     scheduler = Scheduler(engine)
     log.info("warming up (compiling prefill buckets, decode step and slot writes) ...")
     scheduler.warm_up()
@@ -137,16 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def connect_processes(timeout: float) -> LeaderChannel | FollowerChannel:
-    """Multi-process: process 0 opens a LeaderChannel, tells every process its address and waits for them all to
-    connect; the others get their FollowerChannel."""
+def connect_processes(cluster: Cluster, timeout: float) -> LeaderChannel | FollowerChannel:
+    """Multi-process: process 0 opens a LeaderChannel on its host (the coordinator's, when the address was given),
+    tells every process its address and waits for them all to connect; the others get their FollowerChannel."""
     import jax
 
     from .distributed import broadcast_text
 
     if jax.process_index() == 0:
         leader = LeaderChannel(jax.process_count() - 1, timeout)
-        broadcast_text(f"{socket.gethostname()}:{leader.port}")
+        host = cluster.coordinator_address.rpartition(":")[0] if cluster.coordinator_address else socket.gethostname()
+        broadcast_text(f"{host}:{leader.port}")
         leader.accept()
         log.info("process 0 leads %d followers", leader.num_followers)
         return leader

@@ -35,6 +35,7 @@ from bdlora_jax.errors import (
     MalformedBodyError,
     ModelNotFoundError,
     MultiplePromptsError,
+    PeerLostError,
     PoolFullError,
     RequestFailedError,
     RequestTooLargeError,
@@ -90,6 +91,8 @@ CASES = [
      (500, "server_error", None, "3 distinct adapters in one batch but max_loras=2")),
     (ServerShuttingDownError(), {}, RuntimeError,
      (503, "service_unavailable_error", "shutting_down", "the server is shutting down and admits no new requests")),
+    (PeerLostError("follower process 1: connection closed"), {}, RuntimeError,
+     (503, "service_unavailable_error", "peer_lost", "follower process 1: connection closed")),
 ]
 
 

@@ -41,7 +41,8 @@ CHUNKS = [[5, 4, 1, 1, 1],   # a prompt in two chunks, then decode tokens
 
 
 ROWS = 8  # the contiguous cache's batch: the requests and padding rows, a multiple of the data axis
-CHUNKINGS_ON = [("1x1", "bdlora"), ("2x4", "slora"), ("1x2", "replicated")]
+CHUNKINGS_ON = [("1x1", "bdlora", 1), ("2x4", "slora", 16)]
+QUERY_BLOCKS = (16, 4, 1)  # attention in blocks of 16 or 4 query tokens, or per token as decode steps attend
 
 
 def _engine(hf_dir, mesh: str, strategy: str) -> Engine:
@@ -56,9 +57,11 @@ def _sequences(eng: Engine) -> list[list[int]]:
     return [list(map(int, rng.integers(0, eng.model_config.vocab_size, LENGTH))) for _ in NAMES]
 
 
-def _ragged_paged_steps(eng: Engine, sequences: list[list[int]], chunks: list[list[int]] = CHUNKS):
-    """Feed chunks (per request, tokens per step) through ragged steps over shuffled pages; yield (step, q_lens, positions fed before, logits of
-    the step's real tokens in request order)."""
+def _ragged_paged_steps(eng: Engine, sequences: list[list[int]], chunks: list[list[int]] = CHUNKS,
+                        query_block: int = 16):
+    """Feed chunks (per request, tokens per step) through ragged steps over shuffled pages, every step padded to
+    one size (one compilation); yield (step, q_lens, positions fed before, logits of the step's real tokens in
+    request order)."""
     slots = eng.pool.slots_for(NAMES)
     per_request = -(-LENGTH // PAGE_SIZE)
     num_pages = len(NAMES) * per_request + 2
@@ -67,18 +70,19 @@ def _ragged_paged_steps(eng: Engine, sequences: list[list[int]], chunks: list[li
     pages = init_pages(eng.model_config, eng.plan, num_pages, PAGE_SIZE)
     step = jax.jit(partial(ragged_forward, eng.graphdef), donate_argnums=(2,), static_argnames="query_block")
     tokens_fed = np.zeros(len(NAMES), np.int32)
+    most = max(sum(per_step) for per_step in zip(*chunks))
+    padded = -(-(most + 1) // 8) * 8  # at least one padding token, a multiple of the data axis
     for s in range(len(chunks[0])):
         q_lens = np.array([per_step[s] for per_step in chunks], np.int32)
         tokens = [sequences[r][p] for r, n in enumerate(q_lens) for p in range(tokens_fed[r], tokens_fed[r] + n)]
         token_slots = [slots[r] for r, n in enumerate(q_lens) for _ in range(n)]
         real = len(tokens)
-        padded = -(-(real + 1) // 8) * 8  # at least one padding token, a multiple of the data axis
         before = tokens_fed.copy()
         tokens_fed += q_lens
         batch = RaggedBatch(jnp.asarray(page_tables, jnp.int32), jnp.asarray(tokens_fed), jnp.asarray(q_lens))
         adapters = AdapterBatch(eng.pool.bank, jnp.asarray(token_slots + [0] * (padded - real), jnp.int32))
         logits, pages = step(eng.state, jnp.asarray(tokens + [0] * (padded - real), jnp.int32), pages, batch, adapters,
-                             query_block=(16, 4, 1)[s % 3])  # 1: per token, as decode steps attend
+                             query_block=query_block)
         yield s, q_lens, before, np.asarray(logits)[:real]
 
 
@@ -90,7 +94,8 @@ def test_paged_attention_equals_the_contiguous_cache_fed_the_same_chunks(hf_dir,
     cache = init_cache(eng.model_config, eng.plan, ROWS, 2 * LENGTH)
     contiguous = jax.jit(partial(forward, eng.graphdef), donate_argnums=(3,))
     row_slots = jnp.asarray(eng.pool.slots_for(NAMES + [None] * (ROWS - len(NAMES))), jnp.int32)
-    for s, q_lens, before, got in _ragged_paged_steps(eng, sequences):
+    query_block = QUERY_BLOCKS[(MESHES.index(mesh) * len(STRATEGIES) + STRATEGIES.index(strategy)) % 3]
+    for s, q_lens, before, got in _ragged_paged_steps(eng, sequences, query_block=query_block):
         want = {}
         for n in sorted(set(q_lens.tolist()) - {0}):  # one contiguous call per chunk length in this step
             tokens = np.zeros((ROWS, LENGTH), np.int32)  # one shape: past a chunk, padding the causal mask hides
@@ -106,13 +111,13 @@ def test_paged_attention_equals_the_contiguous_cache_fed_the_same_chunks(hf_dir,
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=f"step {s}")
 
 
-@pytest.mark.parametrize("mesh,strategy", CHUNKINGS_ON)
-def test_ragged_paged_steps_in_any_chunking_equal_one_shot_prefill(hf_dir, mesh, strategy):
+@pytest.mark.parametrize("mesh,strategy,query_block", CHUNKINGS_ON)
+def test_ragged_paged_steps_in_any_chunking_equal_one_shot_prefill(hf_dir, mesh, strategy, query_block):
     eng = _engine(hf_dir, mesh, strategy)
     sequences = _sequences(eng)
     [(_, _, _, one_shot)] = _ragged_paged_steps(eng, sequences, [[LENGTH]] * len(NAMES))
     full = one_shot.reshape(len(NAMES), LENGTH, -1)
-    for s, q_lens, before, got in _ragged_paged_steps(eng, sequences):
+    for s, q_lens, before, got in _ragged_paged_steps(eng, sequences, query_block=query_block):
         expected = np.stack([full[r][p] for r, q in enumerate(q_lens) for p in range(before[r], before[r] + q)])
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=f"step {s}")
 
