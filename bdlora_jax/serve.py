@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < seconds < float("inf"):
             raise SystemExit(f"{flag} {seconds}: expected a positive number of seconds")
     cluster = start_from_args(args, args.mesh)
+    if cluster.multi_process and args.kv_cache_memory is not None and args.kv_cache_memory < 1:
+        raise SystemExit(f"--kv-cache-memory {args.kv_cache_memory}: a fraction of free memory differs between "
+                         "processes, and every process must hold the same pages; give bytes or --num-pages")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import uvicorn
 

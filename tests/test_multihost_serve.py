@@ -23,8 +23,9 @@ from bdlora_jax.demo import demo_adapters
 
 pytestmark = [pytest.mark.xdist_group("multihost_serve"), pytest.mark.slow]
 
-LIMITS = ["--mesh", "1x8", "--strategy", "bdlora", "--max-batch", "4", "--max-seq-len", "64", "--max-loras", "4",
-          "--max-lora-rank", "16"]
+LIMITS = ["--mesh", "1x8", "--strategy", "bdlora", "--max-loras", "4", "--max-lora-rank", "16"]
+SERVED = ["--max-batch", "2", "--max-seq-len", "64"]  # the launched server: one request at a time
+STREAMING = ["--max-batch", "1", "--max-seq-len", "128"]  # the servers a process of which is killed mid-stream
 PROMPT = "Hello, two processes"
 START_TIMEOUT = 600.0
 PEER_TIMEOUT = 20
@@ -63,7 +64,7 @@ def launched(tmp_path_factory):
     port = free_port()
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "bdlora_jax.launch", "--num-processes", "2",
-                                 "--cpu-devices-per-process", "4", "--", "serve", *LIMITS, "--port", str(port)],
+                                 "--cpu-devices-per-process", "4", "--", "serve", *LIMITS, *SERVED, "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -80,7 +81,7 @@ def engine():
     from bdlora_jax import Engine
 
     engine = Engine.from_pretrained("demo", mesh="1x8", strategy="bdlora", max_loras=4, max_lora_rank=16,
-                                    max_batch=4, max_seq_len=64)
+                                    max_batch=2, max_seq_len=64)
     for name, path in demo_adapters().items():
         engine.add_adapter(name, path)
     return engine
@@ -131,7 +132,7 @@ def _start_by_hand(tmp_path: Path) -> tuple[str, list[subprocess.Popen], Path]:
     with log.open("ab") as out:
         for pid in range(2):
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "bdlora_jax.serve", *LIMITS, "--max-seq-len", "256", "--port", str(port),
+                [sys.executable, "-m", "bdlora_jax.serve", *LIMITS, *STREAMING, "--port", str(port),
                  "--peer-timeout", str(PEER_TIMEOUT)],
                 env={**env, "BDLORA_PROCESS_ID": str(pid)}, stdout=out, stderr=subprocess.STDOUT))
     url = f"http://127.0.0.1:{port}"
@@ -143,7 +144,7 @@ def test_a_killed_follower_fails_the_streams_with_503_and_process_0_exits(tmp_pa
     url, (leader, follower), log = _start_by_hand(tmp_path)
     try:
         with httpx.stream("POST", f"{url}/v1/completions", timeout=120,
-                          json={"model": "demo", "prompt": PROMPT, "max_tokens": 230, "temperature": 0,
+                          json={"model": "demo", "prompt": PROMPT, "max_tokens": 100, "temperature": 0,
                                 "ignore_eos": True, "stream": True}) as stream:
             lines = stream.iter_lines()
             assert next(line for line in lines if line.startswith("data: {"))  # tokens are flowing

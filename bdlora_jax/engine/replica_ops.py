@@ -60,7 +60,7 @@ class Follower:
             self.requests[request.id] = request
             generator.submit(request)
         elif kind == "cancel":
-            self.requests[op["id"]].cancelled = True
+            self.requests[op["id"]].cancelled = True  # in flight here as on the leader, which cancels only those
         elif kind == "step":
             for request in generator.step():
                 self.requests.pop(request.id, None)

@@ -196,9 +196,9 @@ class Scheduler:
             elif request.adapter is not None and not self.engine.has_adapter(request.adapter):
                 request.finish_reason = "error"
                 rejected.append(request)
-            else:
-                self._replicate(submit_op(request))
+            else:  # handed on first, so that a lost peer fails it with the requests in flight
                 self.generator.submit(request)
+                self._replicate(submit_op(request))
         return rejected
 
     def _run_commands(self) -> None:
@@ -210,9 +210,9 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - any failure goes to the caller waiting on the future
                 future.set_exception(e)
                 continue
+            future.set_result(result)
             if op is not None:  # host-only commands (adapter registration): followers repeat what succeeded
                 self._replicate(op)
-            future.set_result(result)
 
     def _fail_in_flight(self, error: PeerLostError | None = None) -> list[Request]:
         failed = [*self.generator.running.values(), *self.generator.waiting]
