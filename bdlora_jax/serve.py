@@ -116,14 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         engine.add_adapter(name, path)
     served = args.served_model_name or (DEMO_MODEL if is_demo_model(args.model) else Path(args.model).resolve().name)
     channel = connect_processes(cluster, args.peer_timeout) if cluster.multi_process else None
-    scheduler = Scheduler(engine)
+    leads = isinstance(channel, LeaderChannel)
+    scheduler = Scheduler(engine, replicas=channel if leads else None,
+                          on_peer_lost=(lambda _: os.kill(os.getpid(), signal.SIGTERM)) if leads else None)
     log.info("warming up (compiling prefill buckets, decode step and slot writes) ...")
     scheduler.warm_up()
     if isinstance(channel, FollowerChannel):  # replay process 0's operations until it says stop
         return follow(engine, channel, scheduler.metrics)
-    if channel is not None:
-        scheduler.replicas = channel
-        scheduler.on_peer_lost = lambda _: os.kill(os.getpid(), signal.SIGTERM)
     scheduler.start()
     log.info("serving %s with %d adapters on mesh %s (%s) at http://%s:%d", served, len(engine.adapters), args.mesh,
              args.strategy, args.host, args.port)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import openai
 import pytest
 
 from bdlora_jax.demo import demo_adapters
+from bdlora_jax.launch import free_port
 
 pytestmark = [pytest.mark.xdist_group("multihost_serve"), pytest.mark.slow]
 
@@ -29,12 +29,6 @@ STREAMING = ["--max-batch", "1", "--max-seq-len", "128"]  # the servers a proces
 PROMPT = "Hello, two processes"
 START_TIMEOUT = 600.0
 PEER_TIMEOUT = 20
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, procs: list[subprocess.Popen], log: Path) -> None:
