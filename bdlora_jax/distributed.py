@@ -141,11 +141,17 @@ def is_leader() -> bool:
     return jax.process_index() == 0
 
 
+def needs_gather(array) -> bool:
+    """Whether reading `array` on one process takes a collective: its rows are split over several processes."""
+    return not getattr(array, "is_fully_addressable", True) and not array.is_fully_replicated
+
+
 def to_host(array) -> np.ndarray:
-    """A device array's whole value on this process, gathering the shards other processes hold when it spans them."""
+    """A device array's whole value on this process, gathering the shards other processes hold when it spans them
+    (a collective: every process of the array's mesh calls it)."""
     import numpy as np
 
-    if getattr(array, "is_fully_addressable", True) or array.is_fully_replicated:
+    if not needs_gather(array):
         return np.asarray(array)
     from jax.experimental import multihost_utils
 

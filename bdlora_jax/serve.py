@@ -159,18 +159,21 @@ def connect_processes(cluster: Cluster, timeout: float) -> LeaderChannel | Follo
 
 def follow(engine, channel: FollowerChannel, metrics) -> int:
     """A follower's serving: replay process 0's operations until it says stop (0), or exit 1 at once when it is
-    lost (jax.distributed's shutdown barrier would wait for it)."""
+    lost or a step stays stuck in a collective past the timeout (jax.distributed's shutdown barrier would wait)."""
     import jax
 
     from .engine.replica_ops import Follower
     from .errors import PeerLostError
 
-    try:
-        Follower(engine, channel, metrics).run()
-    except PeerLostError as e:
-        log.error("process %d stops: %s", jax.process_index(), e)
+    def exit_lost(error: PeerLostError) -> None:
+        log.error("process %d stops: %s", jax.process_index(), error)
         logging.shutdown()
         os._exit(1)
+
+    try:
+        Follower(engine, channel, metrics, on_stuck=exit_lost).run()
+    except PeerLostError as e:
+        exit_lost(e)
     log.info("process %d stopped by process 0", jax.process_index())
     return 0
 

@@ -66,6 +66,12 @@ def _sample(logits: jax.Array, sampling: tuple[jax.Array, jax.Array], adjustment
     return tokens, (token_logprobs(raw, tokens, top_logprobs) if top_logprobs else None)
 
 
+def fetch_sampled(*arrays: jax.Array) -> list[np.ndarray]:
+    """The sampled tokens (and log-probabilities) of a step on this process's host; a multi-process server
+    replaces it so that the leader's values reach the followers (replica_ops)."""
+    return [to_host(a) for a in arrays]
+
+
 def _insert(cache, prompt_cache, rows):
     """Copy each prefilled row into its decode row of every layer's cache (a row index past the end: skipped);
     positions are the last axis of the (transposed) key cache and the third of the value cache."""
@@ -175,6 +181,7 @@ class Generator:
         replicated = engine.plan.sharding(())
         self.seen = jax.device_put(np.zeros((self.rows, vocab), bool), replicated)
         self.counts = jax.device_put(np.zeros((self.rows, vocab), np.int32), replicated)
+        self.fetch_sampled: Callable[..., list[np.ndarray]] = fetch_sampled
 
     def kv_pages(self) -> tuple[int, int]:
         """(pages held, pages in the pool) of a paged cache; a contiguous cache has no pages: (0, 0)."""
@@ -355,17 +362,18 @@ class Generator:
         steps = [len(r.output) if r is not None else 0 for r in requests]
         plain = not any(adjusting) and all(p.logprobs is None for p in params)
         if plain and greedy is not None and all(p.temperature == 0 for p in params):
-            return to_host(greedy), None
+            return self.fetch_sampled(greedy)[0], None
         if plain:
             tokens, _ = _sample(logits, self._sampling(params, steps))
-            return to_host(tokens), None
+            return self.fetch_sampled(tokens)[0], None
         if prompts is not None:
             seen = prompt_mask(prompts, len(requests), self.seen.shape[1])
             self.seen, self.counts = reset_rows_jit(self.seen, self.counts, state_rows, seen)
         adjustments = (*self._adjustment_arrays(requests, adjusting), self.seen, self.counts, state_rows)
         tokens, logprobs = _sample(logits, self._sampling(params, steps), adjustments, top_logprobs=self.top_logprobs)
         self.counts = record_tokens_jit(self.counts, state_rows, tokens)
-        return to_host(tokens), tuple(to_host(a) for a in logprobs)
+        tokens, *logprobs = self.fetch_sampled(tokens, *logprobs)
+        return tokens, tuple(logprobs)
 
     def _adjustment_arrays(self, requests: list[Request | None], adjusting: list[bool]):
         """Per-row (ids, values) of the sparse additions (logit_bias, and -inf on the stop tokens of a row still

@@ -2,8 +2,10 @@
 submitted or cancelled, an adapter loaded or unloaded, a step) as one JSON line before running it, and every
 follower runs the same operation, so all processes enter the same jitted computations in the same order.
 
-One TCP connection per follower. A follower acknowledges every message with its status (compilations since
-warm-up); the leader waits for the previous acknowledgement before sending again, so processes stay within one
+One TCP connection per follower. A follower acknowledges every operation with its status (compilations since
+warm-up); in the middle of a step the leader relays the tokens it sampled, which the followers take instead of
+reading their own (the leader's values are the ones clients get, so every process keeps the same histories and
+schedules the same next step). The leader waits for the previous acknowledgement before sending again, so processes stay within one
 operation of each other and a follower that dies or stops answering is noticed within `timeout` seconds. The leader
 pings while idle; a follower that hears nothing for `timeout` seconds, or loses the connection, exits.
 JSON, not pickle: a message can describe an operation, never run code.
@@ -85,6 +87,15 @@ class LeaderChannel:
                 raise PeerLostError(f"follower process {pid}: {e}") from None
         self._awaiting = True
 
+    def relay(self, message: dict) -> None:
+        """Send what the followers wait for in the middle of the operation they are running (the step's sampled
+        tokens); they acknowledge the operation, not this."""
+        for pid, (_, stream) in self._streams.items():
+            try:
+                _send(stream, message)
+            except OSError as e:
+                raise PeerLostError(f"follower process {pid}: {e}") from None
+
     def _collect(self) -> None:
         """Read each follower's acknowledgement of the last message."""
         if not self._awaiting:
@@ -118,6 +129,7 @@ class FollowerChannel:
                 if time.monotonic() > deadline:
                     raise PeerLostError(f"leader {host}:{port}: cannot connect within {timeout:g} s") from None
                 time.sleep(0.1)
+        self.timeout = timeout
         self._conn.settimeout(timeout)
         self._stream = self._conn.makefile("rwb")
         _send(self._stream, {"process_id": process_id})
@@ -125,6 +137,15 @@ class FollowerChannel:
     def receive(self) -> dict:
         """The next operation; PeerLostError when the leader is gone or silent for longer than the timeout."""
         return _receive(self._stream, "leader (process 0)")
+
+    def receive_relayed(self, kind: str) -> dict:
+        """The message of `kind` the leader relays in the middle of an operation; PeerLostError when another
+        arrives (the processes are out of step) or none in time."""
+        message = self.receive()
+        if message.get("op") != kind:
+            raise PeerLostError(f"leader (process 0): expected {kind!r} in the middle of an operation, "
+                                f"got {message.get('op')!r}")
+        return message
 
     def acknowledge(self, status: dict) -> None:
         """Tell the leader this operation is done, with this process's status."""

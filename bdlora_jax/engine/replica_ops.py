@@ -4,11 +4,17 @@ that replays them on its own engine so that every process runs the same computat
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
+
 from ..adapters.adapter import LoraAdapter
+from ..distributed import needs_gather, to_host
+from ..errors import PeerLostError
 from .generator import Request
-from .replica_channel import FollowerChannel
+from .replica_channel import FollowerChannel, LeaderChannel
 from .sampler import SamplingParams
 
 
@@ -35,13 +41,82 @@ def adapter_op(kind: str, name: str, adapter: str | Path | LoraAdapter | None = 
     return {"op": kind, "name": name, **({"path": str(adapter)} if adapter is not None else {})}
 
 
+def sampled_message(arrays: list[np.ndarray]) -> dict:
+    """A step's sampled host arrays (tokens, log-probabilities) as the JSON-ready message the leader relays."""
+    return {"op": "sampled", "arrays": [{"dtype": a.dtype.str, "shape": list(a.shape), "values": a.ravel().tolist()}
+                                        for a in arrays]}
+
+
+def arrays_from_message(message: dict) -> list[np.ndarray]:
+    """The host arrays of a sampled message, with their dtypes and shapes (JSON keeps float32 and -inf exact)."""
+    return [np.asarray(a["values"], np.dtype(a["dtype"])).reshape(a["shape"]) for a in message["arrays"]]
+
+
+def leader_fetch(channel: LeaderChannel):
+    """Process 0's fetch of a step's sampled arrays: read them, then relay them to the followers."""
+
+    def fetch(*arrays) -> list[np.ndarray]:
+        host = [to_host(a) for a in arrays]
+        channel.relay(sampled_message(host))
+        return host
+
+    return fetch
+
+
+def follower_fetch(channel: FollowerChannel):
+    """A follower's fetch: the leader's values, read from the channel. It copies nothing off its devices, and joins
+    the gather only where the mesh splits the rows over processes (process 0 cannot read them without it)."""
+
+    def fetch(*arrays) -> list[np.ndarray]:
+        for a in arrays:
+            if needs_gather(a):
+                to_host(a)
+        host = arrays_from_message(channel.receive_relayed("sampled"))
+        if len(host) != len(arrays):
+            raise PeerLostError(f"leader (process 0): relayed {len(host)} sampled arrays, expected {len(arrays)}")
+        return host
+
+    return fetch
+
+
+class StepWatchdog:
+    """Calls `on_stuck` once when an operation has run longer than `timeout` seconds: a peer that stops answering
+    inside a collective would otherwise hold this process there for ever."""
+
+    def __init__(self, timeout: float, on_stuck):
+        self.timeout, self.on_stuck = timeout, on_stuck
+        self._since: float | None = None
+        self._fired = False
+        self._thread = threading.Thread(target=self._watch, name="bdlora-step-watchdog", daemon=True)
+        self._thread.start()
+
+    def __enter__(self):
+        self._since = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._since = None
+
+    def _watch(self) -> None:
+        while not self._fired:
+            since = self._since
+            if since is not None and time.monotonic() - since > self.timeout:
+                self._fired = True
+                self.on_stuck(PeerLostError(f"a step has not finished in {self.timeout:g} s: another process "
+                                            "stopped answering inside a collective"))
+                return
+            time.sleep(min(1.0, self.timeout / 10))
+
+
 class Follower:
     """A follower process's loop: replay each operation from the leader on this process's engine, acknowledge it
     with the compilations since warm-up, until the leader says stop (or is lost: PeerLostError)."""
 
-    def __init__(self, engine, channel: FollowerChannel, metrics):
+    def __init__(self, engine, channel: FollowerChannel, metrics, on_stuck=None):
         self.engine, self.channel, self.metrics = engine, channel, metrics
         self.requests: dict[int, Request] = {}
+        engine.generator.fetch_sampled = follower_fetch(channel)
+        self.watchdog = StepWatchdog(channel.timeout, on_stuck) if on_stuck is not None else None
 
     def run(self) -> None:
         """Replay operations until the leader stops the job."""
@@ -62,7 +137,7 @@ class Follower:
         elif kind == "cancel":
             self.requests[op["id"]].cancelled = True  # in flight here as on the leader, which cancels only those
         elif kind == "step":
-            for request in generator.step():
+            for request in self._step():
                 self.requests.pop(request.id, None)
         elif kind == "add_adapter":  # it succeeded on the leader; failing here (another file) ends this process
             self.engine.add_adapter(op["name"], op["path"])
@@ -70,3 +145,9 @@ class Follower:
             self.engine.remove_adapter(op["name"])
         elif kind != "ping":
             raise ValueError(f"unknown operation {kind!r} from the leader")
+
+    def _step(self) -> list[Request]:
+        if self.watchdog is None:
+            return self.engine.generator.step()
+        with self.watchdog:
+            return self.engine.generator.step()

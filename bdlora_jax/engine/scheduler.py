@@ -5,8 +5,10 @@ of a request are called from this thread with every new token, and once with tok
 without one (cancelled, or failed by an internal error, which fails only the requests of that step).
 
 In a multi-process server the scheduler of process 0 sends each operation to the followers (replica_channel)
-just before it runs it, so every process enters the same computations; a follower lost fails every request with
-PeerLostError and stops the loop, and `on_peer_lost` tells the server to exit.
+just before it runs it, so every process enters the same computations, and relays each step's sampled tokens. A
+follower lost (its connection closed, or silent past the channel's timeout, or a step stuck that long in a
+collective it never joins) fails every request with PeerLostError and stops the loop, and `on_peer_lost` tells
+the server to exit.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..errors import AdapterInUseError, PeerLostError
 from .generator import Generator, Request
 from .metrics import ServingMetrics
 from .replica_channel import LeaderChannel
-from .replica_ops import adapter_op, submit_op
+from .replica_ops import StepWatchdog, adapter_op, leader_fetch, submit_op
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class Scheduler:
         self.replicas = replicas
         self.on_peer_lost = on_peer_lost
         self.peer_lost: PeerLostError | None = None
+        self._losing = threading.Lock()
+        self._watchdog: StepWatchdog | None = None
         self._inbox: queue.Queue[Request] = queue.Queue()
         self._cancels: queue.Queue[Request] = queue.Queue()
         self._commands: queue.Queue[tuple[Callable[[], Any], Future, dict | None]] = queue.Queue()
@@ -49,12 +53,18 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="bdlora-scheduler", daemon=True)
 
     def start(self) -> None:
+        """Serve from the scheduler thread (after warm-up, which every process runs on its own)."""
+        if self.replicas is not None:
+            self.generator.fetch_sampled = leader_fetch(self.replicas)
+            self._watchdog = StepWatchdog(self.replicas.timeout, self._lose_peer)
         self._thread.start()
 
     def stop(self) -> None:
+        """End the loop after its current turn; not waiting for one stuck in a step with a lost peer."""
         self._stopping.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self.peer_lost is None:
+            self._thread.join(timeout=30)
 
     def submit(self, request: Request) -> None:
         """Queue a request (its arrival time noted for the latency metrics); its on_token listener will be called
@@ -123,15 +133,23 @@ class Scheduler:
     def _loop(self) -> None:
         try:
             self._turns()
-        except PeerLostError as e:  # nothing can run without the lost process: fail everything, then exit
-            log.error("%s; failing every request and stopping", e)
-            self.peer_lost = e
-            self._finish(self._fail_in_flight(e) + self._take_inbox(replicate=False))
-            if self.on_peer_lost is not None:
-                self.on_peer_lost(e)
+        except PeerLostError as e:
+            self._lose_peer(e)
+
+    def _lose_peer(self, error: PeerLostError) -> None:
+        """Nothing can run without the lost process: fail everything, then exit (once, from the scheduler thread or
+        from the watchdog while that thread is stuck in a step)."""
+        with self._losing:
+            if self.peer_lost is not None:
+                return
+            log.error("%s; failing every request and stopping", error)
+            self.peer_lost = error
+        self._finish(self._fail_in_flight(error) + self._take_inbox(replicate=False))
+        if self.on_peer_lost is not None:
+            self.on_peer_lost(error)
 
     def _turns(self) -> None:
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and self.peer_lost is None:
             self._run_commands()
             self._finish(self._take_inbox())
             self._apply_cancels()
@@ -143,16 +161,25 @@ class Scheduler:
             before = self.generator.generated_tokens
             self._replicate({"op": "step"})
             try:
-                finished = self.generator.step()
+                finished = self._step()
             except Exception:  # an internal error fails the requests in flight, never the server
                 self._replicate({"op": "ping"})  # unless a lost process broke the step: PeerLostError ends serving
                 log.exception("generation step failed; failing the requests in flight")
                 finished = self._fail_in_flight()
+            if self.peer_lost is not None:  # the watchdog has failed every request while this step was stuck
+                return
             self.metrics.record_tokens(self.generator.generated_tokens - before)
             self._note_first_tokens(finished)
             self._finish(finished)
         if self.replicas is not None:
             self.replicas.close()
+
+    def _step(self) -> list[Request]:
+        """One generation step, watched for a peer stuck inside it when there are followers."""
+        if self._watchdog is None:
+            return self.generator.step()
+        with self._watchdog:
+            return self.generator.step()
 
     def _replicate(self, op: dict) -> None:
         """Send op to the followers of a multi-process server before running it here."""
