@@ -3,7 +3,8 @@ started through bdlora_jax.launch it answers the official `openai` client with t
 single-process `--mesh 1x8` server, loads and unloads an adapter at runtime on both processes, and compiles nothing
 after warm-up on either. Started by hand (no launcher to stop the others): a follower killed with SIGKILL, or
 frozen with SIGSTOP, mid-stream makes process 0 fail its requests with 503 peer_lost and exit non-zero within
---peer-timeout, and a killed process 0 makes the follower exit."""
+--peer-timeout; on `--mesh 2x4` (batch rows split over the processes) the answers are still the single-process
+server's, and a killed process 0 makes the follower exit."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from bdlora_jax.launch import free_port
 
 pytestmark = [pytest.mark.xdist_group("multihost_serve"), pytest.mark.slow]
 
-LIMITS = ["--mesh", "1x8", "--strategy", "bdlora", "--max-loras", "4", "--max-lora-rank", "16"]
+LIMITS = ["--strategy", "bdlora", "--max-loras", "4", "--max-lora-rank", "16"]
 SERVED = ["--max-batch", "2", "--max-seq-len", "64"]  # the launched server: one request at a time
 STREAMING = ["--max-batch", "1", "--max-seq-len", "128"]  # the servers a process of which is killed mid-stream
 PROMPT = "Hello, two processes"
@@ -55,7 +56,7 @@ def _serve(command: list[str], log: Path):
     """Start a server command with its output in `log`; yield its base url once healthy, stop it afterwards."""
     port = free_port()
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", *command, *LIMITS, *SERVED, "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", *command, "--mesh", "1x8", *LIMITS, *SERVED, "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -85,6 +86,13 @@ def _greedy(url: str, model: str) -> str:
     return client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
 
 
+def _sampled(url: str, model: str):
+    """A seeded top-p completion with log-probabilities (what the leader relays: tokens and log-probabilities)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+    return client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0.8, top_p=0.9, seed=7,
+                                     logprobs=2).choices[0]
+
+
 def _load(url: str, name: str, path: Path) -> None:
     assert httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
                       timeout=120).status_code == 200
@@ -109,13 +117,7 @@ def test_two_processes_answer_the_openai_client_as_one_process_does(launched, si
         _greedy(url, "live-bd")
     first = min(demo_adapters())
     assert _greedy(url, first) == _greedy(single, first)  # both processes still in step
-
-    def sampled(at: str):  # the tokens and log-probabilities the leader relays to its follower
-        client = openai.OpenAI(base_url=f"{at}/v1", api_key="x", max_retries=0, timeout=300)
-        return client.completions.create(model=first, prompt=PROMPT, max_tokens=8, temperature=0.8, top_p=0.9,
-                                         seed=7, logprobs=2).choices[0]
-
-    got, want = sampled(url), sampled(single)
+    got, want = _sampled(url, first), _sampled(single, first)
     assert got.text == want.text and got.logprobs.tokens == want.logprobs.tokens
     assert got.logprobs.token_logprobs == pytest.approx(want.logprobs.token_logprobs, abs=1e-4)
 
@@ -126,7 +128,7 @@ def test_two_processes_answer_the_openai_client_as_one_process_does(launched, si
     assert "Traceback" not in log.read_text(errors="replace")
 
 
-def _start_by_hand(tmp_path: Path) -> tuple[str, list[subprocess.Popen], Path]:
+def _start_by_hand(tmp_path: Path, mesh: str = "1x8") -> tuple[str, list[subprocess.Popen], Path]:
     """Process 0 and 1 of a server started without the launcher: (url, [leader, follower], log); long enough
     sequences that a stream is still going when a process is killed."""
     port, log = free_port(), tmp_path / "server.log"
@@ -136,7 +138,7 @@ def _start_by_hand(tmp_path: Path) -> tuple[str, list[subprocess.Popen], Path]:
     with log.open("ab") as out:
         for pid in range(2):
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "bdlora_jax.serve", *LIMITS, *STREAMING, "--port", str(port),
+                [sys.executable, "-m", "bdlora_jax.serve", "--mesh", mesh, *LIMITS, *STREAMING, "--port", str(port),
                  "--peer-timeout", str(PEER_TIMEOUT)],
                 env={**env, "BDLORA_PROCESS_ID": str(pid)}, stdout=out, stderr=subprocess.STDOUT))
     url = f"http://127.0.0.1:{port}"
@@ -165,9 +167,15 @@ def test_a_lost_follower_fails_the_streams_with_503_and_process_0_exits(tmp_path
         stop([leader, follower])
 
 
-def test_a_killed_process_0_makes_the_follower_exit(tmp_path):
-    _, (leader, follower), log = _start_by_hand(tmp_path)
+def test_rows_split_over_processes_and_a_killed_process_0_makes_the_follower_exit(tmp_path, single):
+    """On `--mesh 2x4` each process holds half the batch rows: process 0 gathers the sampled ones (the follower
+    joins the gather) and relays them; the answers are still the single-process 1x8 server's."""
+    url, (leader, follower), log = _start_by_hand(tmp_path, mesh="2x4")
     try:
+        first = min(demo_adapters())
+        assert _greedy(url, first) == _greedy(single, first)
+        got, want = _sampled(url, first), _sampled(single, first)
+        assert got.text == want.text and got.logprobs.tokens == want.logprobs.tokens
         leader.send_signal(signal.SIGKILL)
         assert follower.wait(timeout=PEER_TIMEOUT + 30) != 0
         assert "leader (process 0)" in log.read_text(errors="replace")
