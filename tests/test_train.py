@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import shutil
 
 import jax
@@ -140,6 +141,24 @@ def test_config_file_and_overrides(tmp_path, datasets):
     assert (cfg.rank, cfg.mesh, cfg.kind, set(cfg.adapters)) == (8, "1x8", "bdlora", {"upper", "reverse"})
     with pytest.raises(SystemExit, match="unknown field 'rnak'"):
         load_config(path, ["rnak=8"])
+
+
+def test_config_values_take_their_field_types_or_exit_naming_field_and_source(tmp_path, datasets):
+    path = tmp_path / "train.yaml"  # YAML 1.1 reads 3e-3 and 1e2 as strings, 32 as an int
+    path.write_text(f"adapters: {{upper: {datasets['upper']}}}\nlearning_rate: 3e-3\nsteps: 1e2\nbatch_size: 4\n")
+    cfg = load_config(path, ["alpha=32", "weight_decay=1e-2", "mesh=1x8"])
+    assert (cfg.learning_rate, cfg.steps, cfg.alpha, cfg.weight_decay, cfg.mesh) == (0.003, 100, 32.0, 0.01, "1x8")
+    assert type(cfg.steps) is int and type(cfg.alpha) is float
+    for override, message in [("steps=ten", "override 'steps=ten': steps='ten': expected an integer"),
+                              ("rank=2.5", "rank=2.5: expected an integer"),
+                              ("packing=maybe", "packing='maybe': expected true or false"),
+                              ("learning_rate=true", "learning_rate=True: expected a number"),
+                              ("target_modules=q_proj", "target_modules='q_proj': expected a list of names")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            load_config(path, [override])
+    path.write_text("adapters: {upper: [1, 2]}\nbatch_size: 4\n")
+    with pytest.raises(SystemExit, match=re.escape(f"{path}: adapters.upper=[1, 2]: expected a string")):
+        load_config(path, [])
     with pytest.raises(ValueError, match="batch_size=3 must be a multiple of the 2 adapters"):
         TrainConfig(adapters=datasets, batch_size=3)
     with pytest.raises(ValueError, match="unknown module"):
