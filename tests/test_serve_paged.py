@@ -24,7 +24,7 @@ from bdlora_jax.server import create_app
 pytestmark = pytest.mark.xdist_group("serve_paged")
 
 LIMITS = dict(mesh="1x1", strategy="bdlora", max_loras=2, max_lora_rank=16, max_batch=8, max_seq_len=128)
-PAGED = dict(kv_cache="paged", page_size=16, num_pages=10, max_num_batched_tokens=64)  # 160 tokens for 8 rows
+PAGED = dict(kv_cache="paged", page_size=32, num_pages=5, max_num_batched_tokens=32)  # 160 tokens for 8 rows
 DEMO = sorted(demo_adapters())
 N_REQUESTS = 200
 
@@ -33,8 +33,8 @@ def _prompt(i: int) -> str:
     return (f"Request {i}: the quick brown fox jumps over the lazy dog. " * 3)[:20 + (i * 37) % 80]
 
 
-def _engine(**paging) -> Engine:
-    engine = Engine.from_pretrained("demo", **LIMITS, **paging)
+def _engine(**config) -> Engine:
+    engine = Engine.from_pretrained("demo", **{**LIMITS, **config})
     for name, path in demo_adapters().items():
         engine.add_adapter(name, path)
     return engine
@@ -42,8 +42,9 @@ def _engine(**paging) -> Engine:
 
 @pytest.fixture(scope="module")
 def workload() -> list[tuple[str | None, str, int, str]]:
-    """(adapter, prompt, max_tokens, expected text) of every request, the text from the contiguous cache alone."""
-    engine = _engine()
+    """(adapter, prompt, max_tokens, expected text) of every request, the text from the contiguous cache alone (one
+    row: nothing else can run with it)."""
+    engine = _engine(max_batch=1)
     requests = [([None, *DEMO][i % (len(DEMO) + 1)], _prompt(i), 3 + i % 6) for i in range(N_REQUESTS)]
     out = []
     for adapter, prompt, max_tokens in requests:
