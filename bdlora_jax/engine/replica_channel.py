@@ -5,9 +5,10 @@ follower runs the same operation, so all processes enter the same jitted computa
 One TCP connection per follower. A follower acknowledges every operation with its status (compilations since
 warm-up); in the middle of a step the leader relays the tokens it sampled, which the followers take instead of
 reading their own (the leader's values are the ones clients get, so every process keeps the same histories and
-schedules the same next step). The leader waits for the previous acknowledgement before sending again, so processes stay within one
-operation of each other and a follower that dies or stops answering is noticed within `timeout` seconds. The leader
-pings while idle; a follower that hears nothing for `timeout` seconds, or loses the connection, exits.
+schedules the same next step). The leader waits for the previous acknowledgement before sending again, so
+processes stay within one operation of each other and a follower that dies or stops answering is noticed within
+`timeout` seconds. The leader pings while idle; a follower that hears nothing for `timeout` seconds, or loses the
+connection, exits.
 JSON, not pickle: a message can describe an operation, never run code.
 """
 
@@ -80,16 +81,12 @@ class LeaderChannel:
         """Send op to every follower after their acknowledgement of the previous one; PeerLostError naming the
         follower that did not answer in time."""
         self._collect()
-        for pid, (_, stream) in self._streams.items():
-            try:
-                _send(stream, op)
-            except OSError as e:
-                raise PeerLostError(f"follower process {pid}: {e}") from None
+        self.relay(op)
         self._awaiting = True
 
     def relay(self, message: dict) -> None:
-        """Send what the followers wait for in the middle of the operation they are running (the step's sampled
-        tokens); they acknowledge the operation, not this."""
+        """Send message to every follower without waiting for an acknowledgement: what they wait for in the middle
+        of the operation they are running (the step's sampled tokens), or the next operation (broadcast)."""
         for pid, (_, stream) in self._streams.items():
             try:
                 _send(stream, message)

@@ -3,6 +3,7 @@ that replays them on its own engine so that every process runs the same computat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -116,7 +117,7 @@ class Follower:
         self.engine, self.channel, self.metrics = engine, channel, metrics
         self.requests: dict[int, Request] = {}
         engine.generator.fetch_sampled = follower_fetch(channel)
-        self.watchdog = StepWatchdog(channel.timeout, on_stuck) if on_stuck is not None else None
+        self.watching = StepWatchdog(channel.timeout, on_stuck) if on_stuck is not None else contextlib.nullcontext()
 
     def run(self) -> None:
         """Replay operations until the leader stops the job."""
@@ -137,7 +138,9 @@ class Follower:
         elif kind == "cancel":
             self.requests[op["id"]].cancelled = True  # in flight here as on the leader, which cancels only those
         elif kind == "step":
-            for request in self._step():
+            with self.watching:
+                finished = generator.step()
+            for request in finished:
                 self.requests.pop(request.id, None)
         elif kind == "add_adapter":  # it succeeded on the leader; failing here (another file) ends this process
             self.engine.add_adapter(op["name"], op["path"])
@@ -145,9 +148,3 @@ class Follower:
             self.engine.remove_adapter(op["name"])
         elif kind != "ping":
             raise ValueError(f"unknown operation {kind!r} from the leader")
-
-    def _step(self) -> list[Request]:
-        if self.watchdog is None:
-            return self.engine.generator.step()
-        with self.watchdog:
-            return self.engine.generator.step()

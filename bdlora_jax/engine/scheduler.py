@@ -13,6 +13,7 @@ the server to exit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -44,7 +45,7 @@ class Scheduler:
         self.on_peer_lost = on_peer_lost
         self.peer_lost: PeerLostError | None = None
         self._losing = threading.Lock()
-        self._watchdog: StepWatchdog | None = None
+        self._watching: contextlib.AbstractContextManager = contextlib.nullcontext()  # a StepWatchdog with followers
         self._inbox: queue.Queue[Request] = queue.Queue()
         self._cancels: queue.Queue[Request] = queue.Queue()
         self._commands: queue.Queue[tuple[Callable[[], Any], Future, dict | None]] = queue.Queue()
@@ -56,7 +57,7 @@ class Scheduler:
         """Serve from the scheduler thread (after warm-up, which every process runs on its own)."""
         if self.replicas is not None:
             self.generator.fetch_sampled = leader_fetch(self.replicas)
-            self._watchdog = StepWatchdog(self.replicas.timeout, self._lose_peer)
+            self._watching = StepWatchdog(self.replicas.timeout, self._lose_peer)
         self._thread.start()
 
     def stop(self) -> None:
@@ -161,7 +162,8 @@ class Scheduler:
             before = self.generator.generated_tokens
             self._replicate({"op": "step"})
             try:
-                finished = self._step()
+                with self._watching:
+                    finished = self.generator.step()
             except Exception:  # an internal error fails the requests in flight, never the server
                 self._replicate({"op": "ping"})  # unless a lost process broke the step: PeerLostError ends serving
                 log.exception("generation step failed; failing the requests in flight")
@@ -173,13 +175,6 @@ class Scheduler:
             self._finish(finished)
         if self.replicas is not None:
             self.replicas.close()
-
-    def _step(self) -> list[Request]:
-        """One generation step, watched for a peer stuck inside it when there are followers."""
-        if self._watchdog is None:
-            return self.generator.step()
-        with self._watchdog:
-            return self.generator.step()
 
     def _replicate(self, op: dict) -> None:
         """Send op to the followers of a multi-process server before running it here."""

@@ -75,8 +75,9 @@ def typed_value(name: str, value, kind):
             return number
         return int(number) if number.is_integer() else refuse("an integer")
     if kind is str:
-        return str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else refuse(
-            "a string")
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            refuse("a string")
+        return str(value)
     if typing.get_origin(kind) is tuple:
         items = value if isinstance(value, list | tuple) else refuse("a list of names")
         return tuple(typed_value(name, item, str) for item in items)
