@@ -35,8 +35,8 @@ def _contract(t: jax.Array, factor: jax.Array, block: bool) -> jax.Array:
     """One tile (tile, k) times its factor (k, n), or block-diagonal factor (nb, k/nb, n/nb), in float32."""
     if not block:
         return jnp.dot(t, factor, preferred_element_type=jnp.float32)
-    if factor.shape[0] == 1:  # one block on this device (bdlora's own shard): a dense factor, which XLA's CPU dot
-        return jnp.dot(t, factor[0], preferred_element_type=jnp.float32)  # reads in place (a 1-block einsum: a copy)
+    if factor.shape[0] == 1:  # one block on this device (bdlora's own shard): a dense factor (XLA's CPU backend
+        return jnp.dot(t, factor[0], preferred_element_type=jnp.float32)  # transposes it for a 1-block einsum)
     tb = t.reshape(t.shape[0], factor.shape[0], factor.shape[1])
     return jnp.einsum("qbk,bkr->qbr", tb, factor, preferred_element_type=jnp.float32).reshape(t.shape[0], -1)
 
