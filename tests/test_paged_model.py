@@ -4,6 +4,8 @@ in any chunking as one-shot prefill; the Pallas paged-attention kernel (interpre
 XLA attention's logits and lowers for CUDA to one Triton call per layer."""
 
 import dataclasses
+import math
+import re
 from functools import partial
 
 import jax
@@ -58,10 +60,10 @@ def _sequences(eng: Engine) -> list[list[int]]:
 
 
 def _ragged_paged_steps(eng: Engine, sequences: list[list[int]], chunks: list[list[int]] = CHUNKS,
-                        query_block: int = 16):
+                        query_block: int = 16, logits_at: np.ndarray | None = None):
     """Feed chunks (per request, tokens per step) through ragged steps over shuffled pages, every step padded to
     one size (one compilation); yield (step, q_lens, positions fed before, logits of the step's real tokens in
-    request order)."""
+    request order, or with logits_at those of the tokens at those indices only)."""
     slots = eng.pool.slots_for(NAMES)
     per_request = -(-LENGTH // PAGE_SIZE)
     num_pages = len(NAMES) * per_request + 2
@@ -82,8 +84,8 @@ def _ragged_paged_steps(eng: Engine, sequences: list[list[int]], chunks: list[li
         batch = RaggedBatch(jnp.asarray(page_tables, jnp.int32), jnp.asarray(tokens_fed), jnp.asarray(q_lens))
         adapters = AdapterBatch(eng.pool.bank, jnp.asarray(token_slots + [0] * (padded - real), jnp.int32))
         logits, pages = step(eng.state, jnp.asarray(tokens + [0] * (padded - real), jnp.int32), pages, batch, adapters,
-                             query_block=query_block)
-        yield s, q_lens, before, np.asarray(logits)[:real]
+                             query_block=query_block, logits_at=logits_at)
+        yield s, q_lens, before, np.asarray(logits) if logits_at is not None else np.asarray(logits)[:real]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -120,6 +122,39 @@ def test_ragged_paged_steps_in_any_chunking_equal_one_shot_prefill(hf_dir, mesh,
     for s, q_lens, before, got in _ragged_paged_steps(eng, sequences, query_block=query_block):
         expected = np.stack([full[r][p] for r, q in enumerate(q_lens) for p in range(before[r], before[r] + q)])
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=f"step {s}")
+
+
+@pytest.mark.parametrize("mesh,strategy", [(mesh, strategy) for mesh, strategy, _ in CHUNKINGS_ON])
+def test_logits_at_gives_the_full_logits_at_those_positions(hf_dir, mesh, strategy):
+    eng = _engine(hf_dir, mesh, strategy)
+    rng = np.random.default_rng(3)
+    tokens = jnp.asarray(rng.integers(0, eng.model_config.vocab_size, (ROWS, LENGTH)), jnp.int32)
+    start = jnp.zeros(ROWS, jnp.int32)
+    slots = jnp.asarray(eng.pool.slots_for((NAMES * 2)[:ROWS]), jnp.int32)  # loads them: the bank changes
+    adapters = AdapterBatch(eng.pool.bank, slots)
+    at = jnp.asarray(rng.integers(0, LENGTH, ROWS), jnp.int32)
+    full, _ = jax.jit(partial(forward, eng.graphdef))(eng.state, tokens, start, None, adapters)
+    last, _ = jax.jit(partial(forward, eng.graphdef))(eng.state, tokens, start, None, adapters, at)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full)[np.arange(ROWS), np.asarray(at)], atol=1e-5, rtol=0)
+    [(_, q_lens, _, ragged_full)] = _ragged_paged_steps(eng, _sequences(eng), [[LENGTH]] * len(NAMES))
+    ends = np.cumsum(q_lens) - 1
+    [(_, _, _, ragged_last)] = _ragged_paged_steps(eng, _sequences(eng), [[LENGTH]] * len(NAMES), logits_at=ends)
+    np.testing.assert_allclose(ragged_last, ragged_full[ends], atol=1e-5, rtol=0)
+
+
+def _lm_head_outputs(hlo: str) -> list[int]:
+    """Elements each LM-head dot of a compiled module writes (its einsum names it in the dot's metadata)."""
+    shapes = re.findall(r"= f32\[([\d,]+)\][^=]*? dot\(.*bsd,dv->bsv", hlo)
+    return [math.prod(int(d) for d in shape.split(",")) for shape in shapes]
+
+
+def test_logits_at_multiplies_the_lm_head_on_those_positions_only(hf_dir):
+    eng = _engine(hf_dir, "1x1", "bdlora")
+    tokens, start, vocab = jnp.zeros((ROWS, LENGTH), jnp.int32), jnp.zeros(ROWS, jnp.int32), eng.model_config.vocab_size
+    step = jax.jit(partial(forward, eng.graphdef))
+    assert _lm_head_outputs(step.lower(eng.state, tokens, start).compile().as_text()) == [ROWS * LENGTH * vocab]
+    at = jnp.zeros(ROWS, jnp.int32)
+    assert _lm_head_outputs(step.lower(eng.state, tokens, start, None, None, at).compile().as_text()) == [ROWS * vocab]
 
 
 KERNEL_CONFIG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=8,

@@ -215,9 +215,8 @@ class Generator:
         prompts, length = tokens.shape
         zeros = tuple(jnp.zeros(shape, self._cache_dtype) for shape in cache_shapes(cfg, prompts, length))
         prompt_cache = tuple(zeros for _ in range(cfg.num_layers))
-        logits, prompt_cache = forward(self.engine.graphdef, state, tokens, jnp.zeros((prompts,), jnp.int32),
-                                       prompt_cache, adapter_batch(bank, compressed, *ids, groups))
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        last, prompt_cache = forward(self.engine.graphdef, state, tokens, jnp.zeros((prompts,), jnp.int32),
+                                     prompt_cache, adapter_batch(bank, compressed, *ids, groups), lengths - 1)
         return last, _insert(cache, prompt_cache, rows)
 
     def _decode_fn(self, state, cache, bank, compressed, tokens, positions, ids, groups):

@@ -83,15 +83,13 @@ class PagedGenerator(Generator):
 
     def _step_fn(self, state, pages, bank, compressed, tokens, batch, ids, groups, last, query_block):
         """One ragged step; returns each row's last-token logits (rows, vocab), their argmax and the new pages."""
-        logits, pages = ragged_forward(self.engine.graphdef, state, tokens, pages, batch,
-                                       adapter_batch(bank, compressed, *ids, groups), query_block)
-        rows = logits[last]
+        rows, pages = ragged_forward(self.engine.graphdef, state, tokens, pages, batch,
+                                     adapter_batch(bank, compressed, *ids, groups), query_block, last)
         return rows, first_argmax(rows), pages
 
     def _step_base_fn(self, state, pages, tokens, batch, last, query_block):
         """`_step_fn` for a step in which no token uses an adapter: the base model alone."""
-        logits, pages = ragged_forward(self.engine.graphdef, state, tokens, pages, batch, None, query_block)
-        rows = logits[last]
+        rows, pages = ragged_forward(self.engine.graphdef, state, tokens, pages, batch, None, query_block, last)
         return rows, first_argmax(rows), pages
 
     @property

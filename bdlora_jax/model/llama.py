@@ -365,17 +365,25 @@ class Llama(nnx.Module):
         start: jax.Array,
         cache: KVCache | None = None,
         adapters: AdapterBatch | None = None,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Logits (batch, seq, vocab) in float32 for tokens placed at positions start + [0, seq)."""
+        """Logits (batch, seq, vocab) in float32 for tokens placed at positions start + [0, seq); with logits_at
+        (batch,), each row's logits at that one position, (batch, vocab), the LM head multiplying only those."""
         x, new_cache = self.hidden_states(tokens, start, cache, adapters)
+        if logits_at is None:
+            return self.logits(x), new_cache
+        return self.logits(jnp.take_along_axis(x, logits_at[:, None, None], axis=1))[:, 0], new_cache
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """The LM head on final-normed hidden states (batch, seq, hidden): float32 logits (batch, seq, vocab)."""
         logits = jnp.einsum("bsd,dv->bsv", x, self.head_weight(), preferred_element_type=jnp.float32)
-        logits = jax.lax.with_sharding_constraint(logits, self.plan.sharding(("batch", "seq", "vocab")))
-        return logits, new_cache
+        return jax.lax.with_sharding_constraint(logits, self.plan.sharding(("batch", "seq", "vocab")))
 
     def ragged(self, tokens: jax.Array, pages: PagedKV, batch: RaggedBatch, adapters: AdapterBatch | None = None,
-               query_block: int = 16) -> tuple[jax.Array, PagedKV]:
+               query_block: int = 16, logits_at: jax.Array | None = None) -> tuple[jax.Array, PagedKV]:
         """Logits (T, vocab) in float32 of a ragged step's tokens (T,) and the new pages: each token's keys and
-        values go into its request's pages, and it attends to its request's keys up to its own position.
+        values go into its request's pages, and it attends to its request's keys up to its own position. With
+        logits_at (n,) token indices, only those tokens' logits (n, vocab), the LM head multiplying only those.
 
         adapters.slots (and clusters, Σ ids) are per token; padding tokens past the requests' get logits too, from
         nothing that a request reads; `query_block` tokens of one request share one gather of its pages."""
@@ -390,9 +398,8 @@ class Llama(nnx.Module):
         for layer, layer_pages in zip(self.layers, pages):
             x, layer_pages = layer.ragged(x, places, inv_freq, layer_pages, batch, adapters, routing, query_block)
             new_pages.append(layer_pages)
-        logits = jnp.einsum("bsd,dv->bsv", self.norm(x), self.head_weight(), preferred_element_type=jnp.float32)
-        logits = jax.lax.with_sharding_constraint(logits, plan.sharding(("batch", "seq", "vocab")))
-        return logits[:, 0], tuple(new_pages)
+        x = self.norm(x) if logits_at is None else self.norm(x[logits_at])
+        return self.logits(x)[:, 0], tuple(new_pages)
 
     def head_weight(self) -> jax.Array:
         """The LM head (hidden, vocab): the embeddings transposed when tied."""
@@ -479,14 +486,15 @@ def abstract_cache(config: ModelConfig, plan: ShardingPlan, batch: int, max_seq_
     return tuple(leaves for _ in range(config.num_layers))
 
 
-def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, start, cache=None, adapters=None):
+def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, start, cache=None, adapters=None, logits_at=None):
     """Functional entry point for jit: rebuild the module from its state and run it."""
-    return nnx.merge(graphdef, state)(tokens, start, cache, adapters)
+    return nnx.merge(graphdef, state)(tokens, start, cache, adapters, logits_at)
 
 
-def ragged_forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, pages, batch, adapters=None, query_block=16):
+def ragged_forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, pages, batch, adapters=None, query_block=16,
+                   logits_at=None):
     """Functional entry point of Llama.ragged for jit (query_block static)."""
-    return nnx.merge(graphdef, state).ragged(tokens, pages, batch, adapters, query_block)
+    return nnx.merge(graphdef, state).ragged(tokens, pages, batch, adapters, query_block, logits_at)
 
 
 def forward_hidden(graphdef: nnx.GraphDef, state: nnx.State, tokens, start, adapters=None, segment_ids=None,
