@@ -1,9 +1,8 @@
 """The XLA multi-adapter LoRA delta as a grouped GEMM: each routing tile multiplies its adapter's factors once.
 
 Tokens are laid out in the routing's tiles (every tile holds tokens of one adapter group, padded with zero rows);
-a loop over the tiles that hold tokens (the first `tiles_used`) multiplies each by its adapter's A and B, read in
-place from the bank (no per-token or per-tile copy of the factors); a token without an adapter is in no tile and
-gets zeros. Block-diagonal factors
+a loop over tiles multiplies each tile by its adapter's A and B, read in place from the bank (no per-token or
+per-tile copy of the factors); a token without an adapter is in no tile and gets zeros. Block-diagonal factors
 (bdlora) contract block by block. A batch routed in blocks of rows (training) skips the tiles: each block's
 tokens are contiguous already, so one batched matmul multiplies every block by a copy of its adapter's factors.
 """
@@ -42,35 +41,12 @@ def _contract(t: jax.Array, factor: jax.Array, block: bool) -> jax.Array:
     return jnp.einsum("qbk,bkr->qbr", tb, factor, preferred_element_type=jnp.float32).reshape(t.shape[0], -1)
 
 
-def _varying(*arrays: jax.Array) -> frozenset:
-    """The mesh axes any of `arrays` varies over under shard_map (none outside one)."""
-    return frozenset().union(*(jax.typeof(v).manual_axis_type.varying for v in arrays))
-
-
-def _each_tile(tiles: jax.Array, slots: jax.Array, used: jax.Array, step: Callable, factors: tuple) -> jax.Array:
-    """step(slot, tile) over the first `used` tiles (the ones holding tokens; the empty rest stay zero), one tile at
-    a time: each reads its adapter's factors (from `factors`) in place (a dynamic index into the bank), where a
-    batched matmul would first copy every tile's factors. Tiles go in rounds of UNROLL consecutive tiles, each
-    round's results written at once, which measured fastest on CPU (fewer loop steps and writes); a round that
-    would pass the last tile starts earlier instead, writing again what an earlier round wrote."""
-    count = slots.shape[0]
-    if count == 1:  # one adapter's tokens in one tile: no loop
-        return step(slots[0], tiles[0])[None]
-    unroll = UNROLL if count > 2 * UNROLL else 1  # many small tiles (decode): unrolled; few: compiles less
-    result = jax.eval_shape(step, slots[0], tiles[0])
-
-    def one_round(i, out):
-        first = jnp.minimum(i * unroll, count - unroll)
-        round_tiles = jax.lax.dynamic_slice_in_dim(tiles, first, unroll)
-        round_slots = jax.lax.dynamic_slice_in_dim(slots, first, unroll)
-        ys = jnp.stack([step(round_slots[j], round_tiles[j]) for j in range(unroll)])
-        return jax.lax.dynamic_update_slice_in_dim(out, ys, first, 0)
-
-    zeros = jnp.zeros((count, *result.shape), result.dtype)
-    axes = _varying(tiles, *factors)
-    if axes:  # under shard_map the loop's carry varies over the mesh axes its results do
-        zeros = jax.lax.pcast(zeros, tuple(axes), to="varying")
-    return jax.lax.fori_loop(0, (used + unroll - 1) // unroll, one_round, zeros)
+def _each_tile(tiles: jax.Array, slots: jax.Array, step: Callable) -> jax.Array:
+    """step(slot, tile) over every tile, one tile at a time: each reads its adapter's factors in place (a dynamic
+    index into the bank), where a batched matmul would first copy every tile's factors. Unrolled by UNROLL,
+    which measured fastest on CPU (fewer loop steps, no code blow-up)."""
+    unroll = UNROLL if slots.shape[0] > 2 * UNROLL else 1  # many small tiles (decode): unrolled; few: compiles less
+    return jax.lax.scan(lambda carry, item: (carry, step(*item)), None, (slots, tiles), unroll=unroll)[1]
 
 
 def grouped_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing, a_block: bool, b_block: bool,
@@ -90,12 +66,11 @@ def grouped_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routin
     def expand(slot, h):
         return _contract(h.astype(b.dtype), factor(b, slot), b_block)
 
-    used = routing.tiles_used[0]
     if collective:
-        h = to_tiles(join(from_tiles(_each_tile(tiles, routing.tile_slots, used, shrink, (a,)), routing)), routing)
-        y = _each_tile(h, routing.tile_slots, used, expand, (b,))
+        h = to_tiles(join(from_tiles(_each_tile(tiles, routing.tile_slots, shrink), routing)), routing)
+        y = _each_tile(h, routing.tile_slots, expand)
     else:
-        y = _each_tile(tiles, routing.tile_slots, used, lambda slot, tile: expand(slot, shrink(slot, tile)), (a, b))
+        y = _each_tile(tiles, routing.tile_slots, lambda slot, tile: expand(slot, shrink(slot, tile)))
     return from_tiles(y, routing).reshape(batch, seq, -1)
 
 
@@ -135,8 +110,12 @@ _group_matmul.defvjp(_group_matmul_fwd, _group_matmul_bwd)
 def _group_product(x: jax.Array, w: jax.Array) -> jax.Array:
     """_group_matmul of operands made to vary over the same mesh axes (under shard_map), as autodiff's own dot
     would: the cotangent of an operand that varies over fewer axes is then summed over the others."""
-    axes = _varying(x, w)
-    x, w = (jax.lax.pcast(v, tuple(axes - _varying(v)), to="varying") if axes - _varying(v) else v for v in (x, w))
+    def varying(v):
+        """The mesh axes v varies over under shard_map (none outside one)."""
+        return jax.typeof(v).manual_axis_type.varying
+
+    axes = varying(x) | varying(w)
+    x, w = (jax.lax.pcast(v, tuple(axes - varying(v)), to="varying") if axes - varying(v) else v for v in (x, w))
     return _group_matmul(x, w)
 
 

@@ -33,7 +33,6 @@ class Routing(NamedTuple):
     tile_slots: jax.Array | None = None  # (tiles,) bank slot each tile multiplies, 0 for an unused tile
     tile_tokens: jax.Array | None = None  # (tiles·tile,) token at each tile position, T for an empty position
     token_places: jax.Array | None = None  # (T,) tile position of each token, tiles·tile for one without an adapter
-    tiles_used: jax.Array | None = None  # (1,) tiles holding tokens: the first ones, every later tile is empty
     order: jax.Array | None = None  # (T,) tokens sorted by group (Pallas prefill)
     work: tuple[jax.Array, jax.Array, jax.Array] | None = None  # Pallas prefill (slot, start, end) per row tile
     cluster_order: jax.Array | None = None  # (T,) tokens sorted by cluster, tokens without one last
@@ -58,7 +57,7 @@ def tile_count(tokens: int, groups: int, tile: int) -> int:
 
 
 def _tiles(token_group: jax.Array, groups: jax.Array, order: jax.Array, sizes: jax.Array):
-    """(tile_slots, tile_tokens, token_places, tiles_used) of the grouped GEMM's tile layout."""
+    """(tile_slots, tile_tokens, token_places) of the grouped GEMM's tile layout."""
     tokens, num_groups = token_group.shape[0], groups.shape[0]
     tile = tile_size(tokens, num_groups)
     tiles = tile_count(tokens, num_groups, tile)
@@ -74,7 +73,7 @@ def _tiles(token_group: jax.Array, groups: jax.Array, order: jax.Array, sizes: j
     tile_tokens = jnp.full((tiles * tile,), tokens, jnp.int32).at[place].set(order, mode="drop")
     tile_group = jnp.searchsorted(tile_end, jnp.arange(tiles, dtype=jnp.int32), side="right")
     tile_slots = jnp.where(tile_group < num_groups, groups[jnp.minimum(tile_group, num_groups - 1)], 0)
-    return tile_slots.astype(jnp.int32), tile_tokens, token_places, tile_end[-1:].astype(jnp.int32)
+    return tile_slots.astype(jnp.int32), tile_tokens, token_places
 
 
 def _cluster_order(token_clusters: jax.Array, num_clusters: int) -> tuple[jax.Array, jax.Array]:
