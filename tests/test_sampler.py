@@ -272,6 +272,31 @@ def test_rows_the_candidates_cannot_hold_take_the_sorted_path():
     assert drawn[top_k == 1000].max() < 1000 and drawn[top_k == 0].max() < 3687
 
 
+def test_a_batch_with_few_sampling_rows_draws_what_each_row_draws_alone():
+    """At most half the rows sampling take the blocked draw (rows grouped by path, DRAW_ROWS at a time): each row,
+    whatever its path and place, draws what it draws alone, with a row count that DRAW_ROWS does not divide."""
+    from bdlora_jax.engine.sampler import CANDIDATES, DRAW_ROWS
+
+    rows = 4 * DRAW_ROWS + 3
+    rng = np.random.default_rng(11)
+    logits = (rng.normal(size=(rows, 4096)) * 4).astype(np.float32)
+    logits[-1] = 0.0  # flat: its top-p 0.9 nucleus is larger than the candidates, so it takes the sorted path
+    temperature = np.zeros(rows, np.float32)  # greedy rows keep filters that would change a draw
+    top_p, top_k = np.full(rows, 0.5, np.float32), np.full(rows, 3, np.int32)
+    paths = {1: (0.8, 0), 4: (1.0, 0), 6: (0.9, 0), 9: (1.0, 20), 12: (1.0, 0), 15: (0.7, 2 * CANDIDATES),
+             17: (1.0, 5), rows - 1: (0.9, 0)}
+    for row, (p, k) in paths.items():
+        temperature[row], top_p[row], top_k[row] = rng.uniform(0.5, 1.5), p, k
+    assert 2 * len(paths) <= rows
+    keys = row_keys(rng.integers(0, 2**31 - 1, rows, dtype=np.int32), rng.integers(0, 1000, rows, dtype=np.int32))
+    batch = _run(logits, temperature, top_p, top_k, keys)
+    alone = [_run(logits[i:i + 1], temperature[i:i + 1], top_p[i:i + 1], top_k[i:i + 1], keys[i:i + 1])[0]
+             for i in range(rows)]
+    np.testing.assert_array_equal(batch, alone)
+    greedy = temperature == 0
+    np.testing.assert_array_equal(batch[greedy], logits[greedy].argmax(axis=-1))
+
+
 def test_unfiltered_draws_over_many_chunks_in_proportion():
     logits_row = np.full(1000, -np.inf, np.float32)
     logits_row[[5, 300, 640, 999]] = [0.0, 1.0, -1.0, 0.5]  # four tokens in four different chunks
