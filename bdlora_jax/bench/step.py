@@ -6,7 +6,8 @@ and N distinct adapters; the model's weight matmuls alone at the same shapes, dt
 slices, no collectives: the floor); and the sampler alone on (batch, vocab) logits, greedy and a mix of top-p 0.9 /
 top-k 50 rows. The mixed rows draw from peaked logits, as a trained model's are (each nucleus holds tens of
 tokens); a random-weight model's logits are near uniform, and the same mix on those is reported beside it: its
-top-p rows need the exact sorted path. Each arm is printed in milliseconds and as a ratio to the floor.
+top-p rows need the exact sorted path. A batch where a quarter of the rows sample shows what greedy rows beside
+sampling ones cost. Each arm is printed in milliseconds and as a ratio to the floor.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def weight_matmuls(engine, batch: int):
 
 
 def _sampler_arms(engine, batch: int) -> dict:
-    """The sampler alone: greedy rows, and the top-p 0.9 / top-k 50 mix on peaked and on the model's flat logits."""
+    """The sampler alone: greedy rows, the top-p 0.9 / top-k 50 mix on peaked and on the model's flat logits, and a
+    batch where every fourth row samples with top-p 0.9 and the rest are greedy."""
     import jax
     import jax.numpy as jnp
 
@@ -117,11 +119,14 @@ def _sampler_arms(engine, batch: int) -> dict:
     mixed = (jnp.ones((batch,), jnp.float32), jnp.where(jnp.arange(batch) % 2 == 0, 0.9, 1.0).astype(jnp.float32),
              jnp.where(jnp.arange(batch) % 2 == 1, 50, 0).astype(jnp.int32))
     greedy = (jnp.zeros((batch,), jnp.float32), jnp.ones((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32))
+    quarter = (jnp.where(jnp.arange(batch) % 4 == 0, 1.0, 0.0).astype(jnp.float32),
+               jnp.full((batch,), 0.9, jnp.float32), jnp.zeros((batch,), jnp.int32))
     jax.block_until_ready(keys)
     return {
         "sampler greedy": lambda: sample(peaked, *greedy, keys),
         "sampler top-p/top-k mix": lambda: sample(peaked, *mixed, keys),
         "sampler mix, flat logits": lambda: sample(flat, *mixed, keys),
+        "sampler, 1/4 rows top-p": lambda: sample(peaked, *quarter, keys),
     }
 
 
