@@ -109,8 +109,9 @@ class SamplingParams:
 
 CANDIDATES = 64  # tokens a top-k / top-p row draws from without touching the rest of the vocabulary
 CHUNK = 64  # vocabulary entries per chunk when finding candidates and drawing over the whole vocabulary
-DRAW_ROWS = 4  # rows drawn together when few rows sample: smaller blocks skip more greedy rows, larger ones repeat
-# _draw's per-call costs less often (4 measured best on CPU for one to half of 32 rows)
+# rows drawn together when few rows sample: smaller blocks skip more greedy rows, larger ones repeat _draw's
+# per-call costs less often (4 measured best on CPU for one to half of 32 rows)
+DRAW_ROWS = 4
 
 
 def _top_k_keep(vocab: int, top_k: jax.Array) -> jax.Array:
