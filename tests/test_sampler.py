@@ -212,12 +212,17 @@ def test_seed_outside_int32_is_refused(seed):
 
 
 def test_top_candidates_equal_lax_top_k_with_ties():
-    from bdlora_jax.engine.sampler import CANDIDATES, top_candidates
+    from bdlora_jax.engine.sampler import CANDIDATES, CHUNK, top_candidates
 
     rng = np.random.default_rng(3)
     smooth = rng.normal(size=(4, 50_000)).astype(np.float32)
     tied = rng.integers(0, 5, size=(4, 50_000)).astype(np.float32)  # thousands of ties at every value
-    for logits in (smooth, tied):
+    # the CANDIDATES largest one per chunk, so the last of them is the smallest chosen chunk maximum itself
+    spread = rng.normal(size=(4, 50_000)).astype(np.float32)
+    for row in spread:
+        chunks = rng.choice(50_000 // CHUNK, CANDIDATES, replace=False)
+        row[chunks * CHUNK + rng.integers(0, CHUNK, CANDIDATES)] = 10 + rng.permutation(CANDIDATES)
+    for logits in (smooth, tied, spread):
         values, index = top_candidates(jnp.asarray(logits), CANDIDATES)
         want_values, want_index = jax.lax.top_k(jnp.asarray(logits), CANDIDATES)
         np.testing.assert_array_equal(values, want_values)

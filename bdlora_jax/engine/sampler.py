@@ -172,8 +172,10 @@ def top_candidates(x: jax.Array, k: int, monotone=_identity, chunk_max: jax.Arra
     chunk_max: x's chunk maxima where the caller has them already.
 
     The k largest entries lie in the k chunks with the largest maxima, so top_k runs on those chunks' maxima and
-    then on the k·CHUNK entries they hold, kept in vocabulary order so ties still resolve to the lower index. A
-    non-decreasing map commutes with max, rounding included, so monotone(chunk_max) are monotone(x)'s chunk maxima.
+    then on the k·CHUNK entries they hold, kept in vocabulary order so ties still resolve to the lower index. An
+    entry below the k-th of those maxima has k larger ones and is masked to -inf first: XLA's CPU TopK then rejects
+    it at once instead of inserting it into its heap. A non-decreasing map commutes with max, rounding included, so
+    monotone(chunk_max) are monotone(x)'s chunk maxima.
     """
     if x.shape[-1] <= k * CHUNK:
         return _top_k(monotone(x), k)
@@ -181,9 +183,10 @@ def top_candidates(x: jax.Array, k: int, monotone=_identity, chunk_max: jax.Arra
     if chunk_max is None:
         chunk_max = jnp.max(chunks, axis=-1)
     rows = chunks.shape[0]
-    _, chosen = _top_k(monotone(chunk_max), k)
+    chosen_max, chosen = _top_k(monotone(chunk_max), k)
     chosen = jnp.sort(chosen, axis=-1)
     values = monotone(jnp.take_along_axis(chunks, chosen[:, :, None], axis=1).reshape(rows, k * CHUNK))
+    values = jnp.where(values >= chosen_max[:, -1:], values, -jnp.inf)
     top, position = _top_k(values, k)
     index = jnp.take_along_axis(chosen, position // CHUNK, axis=1) * CHUNK + position % CHUNK
     return top, index.astype(jnp.int32)
