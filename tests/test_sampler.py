@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import penalized_reference
 
-from bdlora_jax.engine.sampler import SamplingParams, _top_p_keep, row_keys, sample
+from bdlora_jax.engine.sampler import SamplingParams, _top_p_count, row_keys, sample
 from bdlora_jax.errors import InvalidRequestError
 
 VOCAB = 64
@@ -118,9 +118,15 @@ def test_huge_logits_at_low_temperature_do_not_overflow():
 
 
 def test_top_p_1_keeps_the_tail_the_running_sum_rounds_away():
-    sorted_logits = jnp.array([[0.0, -20.0, -30.0]])  # in float32 the first probability alone rounds to 1
-    assert bool(jnp.all(_top_p_keep(sorted_logits, jnp.array([1.0]))))
-    np.testing.assert_array_equal(_top_p_keep(sorted_logits, jnp.array([0.999])), [[True, False, False]])
+    weights = jnp.exp(jnp.array([[0.0, -20.0, -30.0]]))  # in float32 the first weight alone rounds to the total
+    np.testing.assert_array_equal(_top_p_count(weights, jnp.array([1.0])), [3])
+    np.testing.assert_array_equal(_top_p_count(weights, jnp.array([0.999])), [1])
+
+
+def test_top_p_keeps_the_prefix_whose_mass_reaches_top_p():
+    weights = jnp.ones((1, 100))  # integer running sums: 90 of 100 reach 0.9 exactly
+    np.testing.assert_array_equal(_top_p_count(weights, jnp.array([0.9])), [90])
+    np.testing.assert_array_equal(_top_p_count(weights, jnp.array([0.905])), [91])
 
 
 def test_one_compile_for_any_mix_of_rows():
@@ -266,15 +272,65 @@ def test_candidate_draws_equal_the_sorted_draws_with_the_same_uniforms():
 
 
 def test_rows_the_candidates_cannot_hold_take_the_sorted_path():
+    """Flat rows sort, one at a time; the peaked rows between them draw from their candidates as they do alone."""
     from bdlora_jax.engine.sampler import _draw_sorted
 
-    flat = np.zeros((ROWS, 4096), np.float32)  # a top-p 0.9 nucleus of 3687 tokens, and top-k 1000
+    logits = np.zeros((ROWS, 4096), np.float32)  # a top-p 0.9 nucleus of 3687 tokens, and top-k 1000
+    peaked = np.arange(ROWS) % 4 == 3
+    logits[peaked] = np.random.default_rng(10).normal(size=(peaked.sum(), 4096)) * 6
     temperature, top_p = np.ones(ROWS, np.float32), np.full(ROWS, 0.9, np.float32)
-    top_k = np.where(np.arange(ROWS) % 2 == 0, 1000, 0).astype(np.int32)
-    drawn = _run(flat, temperature, top_p, top_k)
+    top_k = np.where(np.arange(ROWS) % 4 == 0, 1000, 0).astype(np.int32)
+    drawn = _run(logits, temperature, top_p, top_k)
     u = jax.vmap(lambda key: jax.random.uniform(key, ()))(jax.random.wrap_key_data(KEYS[:ROWS]))
-    np.testing.assert_array_equal(drawn, jax.jit(_draw_sorted)(flat, top_k, top_p, u))
-    assert drawn[top_k == 1000].max() < 1000 and drawn[top_k == 0].max() < 3687
+    np.testing.assert_array_equal(drawn[~peaked], jax.jit(_draw_sorted)(logits, top_k, top_p, u)[~peaked])
+    assert drawn[top_k == 1000].max() < 1000 and drawn[~peaked & (top_k == 0)].max() < 3687
+    for row in np.flatnonzero(peaked):
+        alone = _run(logits[row:row + 1], temperature[row], top_p[row], top_k[row], KEYS[row:row + 1])
+        assert drawn[row] == alone[0]
+
+
+def _sorted_draw_reference(scaled: np.ndarray, top_k, top_p, u, tolerance: float = 2e-6):
+    """(token, ambiguous) per row in float64: the stable descending order, top-k, the prefix whose mass reaches top_p,
+    then the first position whose running mass exceeds u of the kept total; ambiguous where a running sum lies within
+    `tolerance` of the total from a boundary, so float32 rounding may fairly pick the neighbour."""
+    tokens, ambiguous = [], []
+    for row, k, p, draw in zip(scaled.astype(np.float64), top_k, top_p, u.astype(np.float64)):
+        order = np.argsort(-row, kind="stable")
+        weights = np.exp(row[order])
+        weights[k or len(row):] = 0
+        running = np.cumsum(weights)
+        near = False
+        if p < 1:
+            kept = np.searchsorted(running, p * running[-1]) + 1
+            near = np.min(np.abs(running[max(kept - 2, 0):kept] - p * running[-1])) < tolerance * running[-1]
+            weights[kept:] = 0
+            running = np.cumsum(weights)
+        position = int(np.searchsorted(running, draw * running[-1], side="right"))
+        near |= np.min(np.abs(running[max(position - 1, 0):position + 1] - draw * running[-1])) < tolerance * running[-1]
+        tokens.append(order[position])
+        ambiguous.append(near)
+    return np.array(tokens), np.array(ambiguous)
+
+
+@pytest.mark.parametrize("case", ["smooth", "tied", "masked", "uniform"])
+def test_the_sorted_draw_equals_a_float64_stable_sort(case):
+    """_draw_sorted sorts integer keys, not (value, index) pairs: its token is still the one at the drawn position of
+    the stable descending order, under top-k, top-p and both."""
+    from bdlora_jax.engine.sampler import _draw_sorted
+
+    rng = np.random.default_rng(["smooth", "tied", "masked", "uniform"].index(case))
+    rows, vocab = 48, 1000  # not a multiple of the chunk
+    scaled = {"smooth": rng.normal(size=(rows, vocab)), "tied": rng.integers(-3, 1, size=(rows, vocab)) * 1.0,
+              "masked": np.where(rng.uniform(size=(rows, vocab)) < 0.7, -np.inf, rng.normal(size=(rows, vocab))),
+              "uniform": np.zeros((rows, vocab))}[case].astype(np.float32)
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    top_k = rng.choice([0, 1, 7, 333, vocab], rows).astype(np.int32)
+    top_p = rng.choice([1.0, 0.93713, 0.51329, 0.10317, 1e-6], rows).astype(np.float32)  # targets off the ties
+    u = rng.uniform(size=rows).astype(np.float32)
+    drawn = np.asarray(jax.jit(_draw_sorted)(scaled, top_k, top_p, u))
+    want, ambiguous = _sorted_draw_reference(scaled, top_k, top_p, u)
+    assert ambiguous.sum() <= rows // 10
+    np.testing.assert_array_equal(drawn[~ambiguous], want[~ambiguous])
 
 
 def test_a_batch_with_few_sampling_rows_draws_what_each_row_draws_alone():

@@ -1,10 +1,10 @@
-"""Per-row token sampling (greedy, temperature, top-k, top-p) in one jitted call, without sorting the vocabulary.
+"""Per-row token sampling (greedy, temperature, top-k, top-p) in one jitted call, sorting only rows whose filters need it.
 
 A decode batch mixes requests. A batch whose rows are all greedy costs one argmax, and one where at most half the
 rows sample draws them a few rows at a time, grouped by path, so it pays for its sampling rows only. A sampling row
 draws by inverse CDF with one uniform from its own key, over the smallest set that is exact for its filters: the
 CANDIDATES largest tokens (found chunk-wise) when top-k or the top-p nucleus fits in them, the whole vocabulary when
-no filter is set, and the sorted vocabulary otherwise. The path depends on the row alone, so a seeded request draws
+no filter is set, and the vocabulary sorted (one row at a time) otherwise. The path depends on the row alone, so a seeded request draws
 alike in any batch.
 """
 
@@ -120,15 +120,12 @@ def _top_k_keep(vocab: int, top_k: jax.Array) -> jax.Array:
     return jnp.arange(vocab)[None, :] < k[:, None]
 
 
-def _top_p_keep(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Mask over descending-sorted positions keeping the smallest prefix whose probability reaches top_p.
-
-    The first position has nothing before it, so it is kept for any top_p > 0; top_p >= 1 keeps everything even where
-    the float32 running sum reaches 1 before the tail.
-    """
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    return (before < top_p[:, None]) | (top_p[:, None] >= 1)
+def _top_p_count(ordered_weights: jax.Array, top_p: jax.Array) -> jax.Array:
+    """How many leading entries of descending weights top-p keeps: the smallest prefix whose mass reaches top_p of the
+    total, so the first entry always; every entry at top_p >= 1, even where the float32 running sum reaches the total
+    before the tail."""
+    return jnp.where(top_p < 1, _inverse_cdf_chunked(ordered_weights, top_p, reach=True) + 1,
+                     ordered_weights.shape[-1])
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
@@ -192,26 +189,33 @@ def top_candidates(x: jax.Array, k: int, monotone=_identity, chunk_max: jax.Arra
     return top, index.astype(jnp.int32)
 
 
-def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
-    """Per row, the position where the running sum of non-negative weights first exceeds u·total (u in [0, 1))."""
+def _inverse_cdf(weights: jax.Array, u: jax.Array, reach: bool = False) -> jax.Array:
+    """Per row, the position where the running sum of non-negative weights first exceeds u·total (u in [0, 1)), or
+    with reach, first reaches it."""
     running = jnp.cumsum(weights, axis=-1)
     target = u * running[:, -1]
-    position = jnp.sum(running <= target[:, None], axis=-1)
+    position = jnp.sum((running < target[:, None]) if reach else (running <= target[:, None]), axis=-1)
     last = weights.shape[-1] - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)
     return jnp.minimum(position, last).astype(jnp.int32)
 
 
-def _draw_vocabulary(scaled: jax.Array, u: jax.Array) -> jax.Array:
-    """A draw from softmax(scaled) over the whole vocabulary: inverse CDF over chunk sums, then within the chunk."""
-    weights = _chunked(jnp.exp(scaled), 0.0)
-    sums = jnp.sum(weights, axis=-1)
-    chunk = _inverse_cdf(sums, u)
+def _inverse_cdf_chunked(weights: jax.Array, u: jax.Array, reach: bool = False) -> jax.Array:
+    """_inverse_cdf over a whole vocabulary, a chunk at a time: over the chunks' sums, then within the chunk it picks
+    (XLA's CPU cumsum over a whole vocabulary costs milliseconds a row)."""
+    chunks = _chunked(weights, 0.0)
+    sums = jnp.sum(chunks, axis=-1)
+    chunk = _inverse_cdf(sums, u, reach)
     running = jnp.cumsum(sums, axis=-1)
     before = jnp.take_along_axis(running - sums, chunk[:, None], axis=1)[:, 0]
     mass = jnp.take_along_axis(sums, chunk[:, None], axis=1)[:, 0]
     inner = jnp.clip((u * running[:, -1] - before) / mass, 0.0, 1.0 - 1e-7)
-    within = _inverse_cdf(jnp.take_along_axis(weights, chunk[:, None, None], axis=1)[:, 0], inner)
+    within = _inverse_cdf(jnp.take_along_axis(chunks, chunk[:, None, None], axis=1)[:, 0], inner, reach)
     return chunk * CHUNK + within
+
+
+def _draw_vocabulary(scaled: jax.Array, u: jax.Array) -> jax.Array:
+    """A draw from softmax(scaled) over the whole vocabulary."""
+    return _inverse_cdf_chunked(jnp.exp(scaled), u)
 
 
 def _draw_candidates(values: jax.Array, index: jax.Array, vocabulary_log_total: jax.Array, top_k: jax.Array,
@@ -232,14 +236,47 @@ def _draw_candidates(values: jax.Array, index: jax.Array, vocabulary_log_total: 
     return jnp.take_along_axis(index, position[:, None], axis=1)[:, 0], fits
 
 
+def _descending_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys whose ascending order is x's descending order (0.0 before -0.0, as lax.sort orders floats)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, bits, bits ^ 0x7FFFFFFF)
+
+
+def _from_descending_keys(keys: jax.Array) -> jax.Array:
+    """The floats _descending_keys made these keys from."""
+    return jax.lax.bitcast_convert_type(jnp.where(keys >> 31 == 1, keys, keys ^ 0x7FFFFFFF), jnp.float32)
+
+
 def _draw_sorted(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, u: jax.Array) -> jax.Array:
-    """The exact draw after top-k then top-p over the whole sorted vocabulary (for filters the candidates can't hold)."""
-    order = jnp.argsort(scaled, axis=-1, descending=True, stable=True)
-    ordered = jnp.take_along_axis(scaled, order, axis=-1)
-    ordered = jnp.where(_top_k_keep(scaled.shape[-1], top_k), ordered, -jnp.inf)
-    ordered = jnp.where(_top_p_keep(ordered, top_p), ordered, -jnp.inf)
-    position = _inverse_cdf(jnp.exp(ordered), u)
-    return jnp.take_along_axis(order, position[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    """The exact draw after top-k then top-p over the whole vocabulary in descending order, lower index first on ties
+    (for filters the candidates can't hold).
+
+    XLA's CPU backend sorts integers with a plain comparison, several times faster than floats carried with their
+    indices, so this sorts the logits' order-preserving keys alone, draws a position in that order, and then finds
+    its token: the entry holding the drawn key that has as many equal keys before it as the position does.
+    """
+    vocab = scaled.shape[-1]
+    keys = _descending_keys(scaled)
+    ordered_keys = jax.lax.sort(keys, dimension=-1)
+    weights = jnp.where(_top_k_keep(vocab, top_k), jnp.exp(_from_descending_keys(ordered_keys)), 0.0)
+    kept = jnp.arange(vocab)[None, :] < _top_p_count(weights, top_p)[:, None]
+    position = _inverse_cdf_chunked(jnp.where(kept, weights, 0.0), u)
+    key = jnp.take_along_axis(ordered_keys, position[:, None], axis=-1)
+    rank = position - jnp.sum(ordered_keys < key, axis=-1)
+    holds_key = (keys == key).astype(jnp.float32)
+    return _inverse_cdf_chunked(holds_key, (rank + 0.5) / jnp.sum(holds_key, axis=-1))
+
+
+def _draw_sorted_rows(sorts: jax.Array, logits: jax.Array, shift: jax.Array, temperature: jax.Array,
+                      top_k: jax.Array, top_p: jax.Array, u: jax.Array) -> jax.Array:
+    """_draw_sorted of (logits - shift) / temperature in the rows where `sorts` is set (0 elsewhere), one row at a
+    time: a sort costs milliseconds a row, so a batch pays only for the rows whose filters need one."""
+    def row(args):
+        sorts, x, shift, temperature, top_k, top_p, u = args
+        return jax.lax.cond(sorts, lambda: _draw_sorted((x[None] - shift) / temperature, top_k[None], top_p[None],
+                                                        u[None])[0], lambda: jnp.int32(0))
+
+    return jax.lax.map(row, (sorts, logits, shift, temperature, top_k, top_p, u))
 
 
 def _draw(logits: jax.Array, chunk_max: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
@@ -269,8 +306,9 @@ def _draw(logits: jax.Array, chunk_max: jax.Array, temperature: jax.Array, top_p
     nothing = jnp.zeros((rows,), jnp.int32)
     by_vocabulary = jax.lax.cond(jnp.any(sampling & unfiltered), lambda: _draw_vocabulary(scale(logits), u),
                                  lambda: nothing)
-    by_sorting = jax.lax.cond(jnp.any(sampling & ~unfiltered & ~fits),
-                              lambda: _draw_sorted(scale(logits), top_k, top_p, u), lambda: nothing)
+    sorts = sampling & ~unfiltered & ~fits
+    by_sorting = jax.lax.cond(jnp.any(sorts), lambda: _draw_sorted_rows(sorts, logits, row_max, t, top_k, top_p, u),
+                              lambda: nothing)
     return jnp.where(unfiltered, by_vocabulary, jnp.where(fits, by_candidates, by_sorting))
 
 
