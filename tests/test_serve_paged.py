@@ -54,7 +54,8 @@ def workload() -> list[tuple[str | None, str, int, str]]:
 
 
 @pytest.fixture(scope="module")
-def server():
+def served():
+    """(url, scheduler) of a paged server on the demo adapters."""
     engine = _engine(**PAGED)
     scheduler = Scheduler(engine)
     scheduler.warm_up()
@@ -68,10 +69,15 @@ def server():
     while not http.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", scheduler
     http.should_exit = True
     thread.join(timeout=30)
     scheduler.stop()
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served[0]
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -113,17 +119,48 @@ def test_200_concurrent_requests_through_a_small_page_pool_equal_each_request_al
     assert after["bdlora_compilations_after_warmup"] == 0
 
 
-def test_a_client_that_disconnects_returns_its_pages(server):
+def _pause_once_running(scheduler: Scheduler, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """(paused, resume): after the first step that leaves a request running, the scheduler thread waits until resume
+    is set."""
+    paused, resume = threading.Event(), threading.Event()
+    step = scheduler.generator.step
+
+    def step_then_pause():
+        finished = step()
+        if scheduler.generator.running and not paused.is_set():
+            paused.set()
+            resume.wait(timeout=120)
+        return finished
+
+    monkeypatch.setattr(scheduler.generator, "step", step_then_pause)
+    return paused, resume
+
+
+def test_a_client_that_disconnects_returns_its_pages(served, monkeypatch):
+    """The scheduler is held between steps from the stream's first token until the server has seen the disconnect,
+    so the stream can neither finish first nor be counted before its abort is booked."""
+    server, scheduler = served
     abort = 'bdlora_requests_finished_total{reason="abort"}'
     aborted = _metrics(server).get(abort, 0.0)
+    seen = threading.Event()
+    cancel = scheduler.cancel
+    monkeypatch.setattr(scheduler, "cancel", lambda request: (cancel(request), seen.set()))
     with openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=600) as client:
+        paused, resume = _pause_once_running(scheduler, monkeypatch)
         stream = client.completions.create(model=DEMO[0], prompt="Talk for a long time", temperature=0,
                                            max_tokens=100, stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))
+        assert paused.wait(timeout=60)
         assert _metrics(server)["bdlora_kv_pages_used"] > 0
         stream.close()
+        assert seen.wait(timeout=60)
+        resume.set()
+        deadline = time.monotonic() + 60
+        while _metrics(server).get(abort, 0.0) < aborted + 1:
+            assert time.monotonic() < deadline, "the disconnected stream was never aborted"
+            time.sleep(0.05)
         after = _settled(server)
-        assert after.get(abort, 0.0) == aborted + 1 and after["bdlora_kv_pages_used"] == 0
+        assert after[abort] == aborted + 1 and after["bdlora_kv_pages_used"] == 0
         out = client.completions.create(model=DEMO[0], prompt="Still there?", max_tokens=4, temperature=0,
                                         extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4
