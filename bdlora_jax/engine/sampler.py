@@ -4,8 +4,8 @@ A decode batch mixes requests. A batch whose rows are all greedy costs one argma
 rows sample draws them a few rows at a time, grouped by path, so it pays for its sampling rows only. A sampling row
 draws by inverse CDF with one uniform from its own key, over the smallest set that is exact for its filters: the
 CANDIDATES largest tokens (found chunk-wise) when top-k or the top-p nucleus fits in them, the whole vocabulary when
-no filter is set, and the vocabulary sorted (one row at a time) otherwise. The path depends on the row alone, so a seeded request draws
-alike in any batch.
+no filter is set, and the vocabulary sorted (one row at a time) otherwise. The path depends on the row alone, so a
+seeded request draws alike in any batch.
 """
 
 from __future__ import annotations
@@ -236,15 +236,19 @@ def _draw_candidates(values: jax.Array, index: jax.Array, vocabulary_log_total: 
     return jnp.take_along_axis(index, position[:, None], axis=1)[:, 0], fits
 
 
+def _flip_non_negative(bits: jax.Array) -> jax.Array:
+    """Reverse the order of the non-negative floats' bit patterns below the negative ones; its own inverse."""
+    return jnp.where(bits >> 31 == 1, bits, bits ^ 0x7FFFFFFF)
+
+
 def _descending_keys(x: jax.Array) -> jax.Array:
     """uint32 keys whose ascending order is x's descending order (0.0 before -0.0, as lax.sort orders floats)."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    return jnp.where(bits >> 31 == 1, bits, bits ^ 0x7FFFFFFF)
+    return _flip_non_negative(jax.lax.bitcast_convert_type(x, jnp.uint32))
 
 
 def _from_descending_keys(keys: jax.Array) -> jax.Array:
     """The floats _descending_keys made these keys from."""
-    return jax.lax.bitcast_convert_type(jnp.where(keys >> 31 == 1, keys, keys ^ 0x7FFFFFFF), jnp.float32)
+    return jax.lax.bitcast_convert_type(_flip_non_negative(keys), jnp.float32)
 
 
 def _draw_sorted(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, u: jax.Array) -> jax.Array:
