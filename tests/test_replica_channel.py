@@ -1,6 +1,7 @@
 """The leader-follower channel of a multi-process server on 127.0.0.1: operations and their acknowledgements, the
 sampled arrays relayed in the middle of a step (exact, dtypes and shapes kept), a follower out of step or silent
-noticed as PeerLostError, and the watchdog that fails every request when a step stays stuck in a collective."""
+noticed as PeerLostError, the watchdog that fails every request when a step stays stuck in a collective, and a
+follower that ends a cancelled request at the cancel, as the leader does."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from collections import deque
 import numpy as np
 import pytest
 
+from bdlora_jax import Engine
 from bdlora_jax.engine.generator import Request
 from bdlora_jax.engine.replica_channel import FollowerChannel, LeaderChannel
-from bdlora_jax.engine.replica_ops import StepWatchdog, arrays_from_message, sampled_message
+from bdlora_jax.engine.replica_ops import Follower, StepWatchdog, arrays_from_message, sampled_message, submit_op
 from bdlora_jax.engine.sampler import SamplingParams
 from bdlora_jax.engine.scheduler import Scheduler
 from bdlora_jax.errors import PeerLostError
@@ -142,3 +144,15 @@ def test_a_step_stuck_past_the_peer_timeout_fails_every_request_and_stops_the_se
         engine.generator.release.set()
         scheduler.stop()
     assert lost == [lost[0]]  # once, though the step has now returned
+
+
+def test_a_follower_ends_a_cancelled_request_at_the_cancel_as_the_leader_does():
+    """The leader's scheduler ends a cancelled request before its next step (and may send no step at all when
+    nothing else runs); its followers end their copy at the cancel too, so their queues stay the same."""
+    engine = Engine.from_pretrained("demo", max_batch=2, max_seq_len=32)
+    follower = Follower(engine, channel=None, metrics=None)
+    request = Request([1, 2], None, SamplingParams(max_tokens=4))
+    follower.apply(submit_op(request))
+    assert [r.id for r in engine.generator.waiting] == [request.id]
+    follower.apply({"op": "cancel", "id": request.id})
+    assert not engine.generator.waiting and not engine.generator.has_work() and not follower.requests

@@ -18,6 +18,8 @@ from test_serve_requests import free_port
 
 from bdlora_jax import Engine
 from bdlora_jax.demo import demo_adapters
+from bdlora_jax.engine.generator import Request
+from bdlora_jax.engine.sampler import SamplingParams
 from bdlora_jax.engine.scheduler import Scheduler
 from bdlora_jax.server import create_app
 
@@ -165,3 +167,44 @@ def test_a_client_that_disconnects_returns_its_pages(served, monkeypatch):
                                         extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4
     assert _metrics(server)["bdlora_compilations_after_warmup"] == 0
+
+
+def test_a_cancelled_request_is_booked_before_the_next_step(served, monkeypatch):
+    """A cancellation ends its request between steps: when the next step starts, /metrics already counts it as aborted
+    and no longer running (it used to show as neither for the length of that step)."""
+    _, scheduler = served
+    generator = scheduler.generator
+
+    def aborted() -> float:
+        return scheduler.metrics.registry.get_sample_value("bdlora_requests_finished_total", {"reason": "abort"}) or 0.0
+
+    def running_ids() -> set[int]:
+        return {request.id for request in generator.running.values()}
+
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    keeper, victim = Request([5, 6, 7], None, params), Request([8, 9, 10], None, params)
+    before = aborted()
+    both_running, resume, at_step = threading.Event(), threading.Event(), []
+    step = generator.step
+
+    def held_and_recorded_step():
+        if victim.cancelled:  # what /metrics reads as a step after the cancellation starts
+            at_step.append((victim.id in running_ids(), aborted()))
+        finished = step()
+        if {keeper.id, victim.id} <= running_ids() and not both_running.is_set():
+            both_running.set()
+            resume.wait(timeout=120)
+        return finished
+
+    monkeypatch.setattr(generator, "step", held_and_recorded_step)
+    scheduler.submit(keeper)
+    scheduler.submit(victim)
+    assert both_running.wait(timeout=60)
+    scheduler.cancel(victim)
+    resume.set()
+    deadline = time.monotonic() + 60
+    while keeper.finish_reason is None:
+        assert time.monotonic() < deadline, "the request beside the cancelled one never finished"
+        time.sleep(0.05)
+    assert victim.finish_reason == "abort" and keeper.finish_reason == "length"
+    assert at_step and at_step[0] == (False, before + 1)

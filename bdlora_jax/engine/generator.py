@@ -256,8 +256,9 @@ class Generator:
     def adapters_in_use(self) -> set[str]:
         return {r.adapter for r in self.running.values() if r.adapter is not None}
 
-    def _drop_cancelled(self) -> list[Request]:
-        """Free the rows and queue places of cancelled requests (e.g. a client that disconnected)."""
+    def drop_cancelled(self) -> list[Request]:
+        """End the cancelled requests (e.g. a client that disconnected), freeing their rows and queue places; the
+        scheduler calls it as it applies cancellations, so an abort is booked before the next step, not after it."""
         dropped = [r for r in [*self.running.values(), *self.waiting] if r.cancelled]
         for request in dropped:
             request.finish_reason = "abort"
@@ -295,7 +296,7 @@ class Generator:
 
     def step(self) -> list[Request]:
         """Plan and run one step: prefill admissions, then one decode token for all rows; returns finished requests."""
-        finished = self._drop_cancelled()
+        finished = self.drop_cancelled()
         plan = self.schedule()
         waiting = {r.id: r for r in self.waiting}
         for request_id in plan.failed:

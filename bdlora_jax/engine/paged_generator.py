@@ -124,10 +124,11 @@ class PagedGenerator(Generator):
                 return False
         return True
 
-    def _drop_cancelled(self) -> list[Request]:
+    def drop_cancelled(self) -> list[Request]:
+        """Generator.drop_cancelled, returning the running ones' pages to the pool."""
         for row in [row for row, request in self.running.items() if request.cancelled]:
             self.page_pool.release(self.progress.pop(row).pages)
-        return super()._drop_cancelled()
+        return super().drop_cancelled()
 
     def schedule(self) -> tuple[dict[int, int], list[int], list[Request]]:
         """This step's (tokens to feed per row, rows admitted now, requests that fail): running requests first,
@@ -199,7 +200,7 @@ class PagedGenerator(Generator):
 
     def step(self) -> list[Request]:
         """Plan and run one ragged step; returns the requests that finished."""
-        finished = self._drop_cancelled()
+        finished = self.drop_cancelled()
         feeds, admitted, failed = self.schedule()
         finished += failed
         self._start_histories(admitted)

@@ -137,6 +137,8 @@ class Follower:
             generator.submit(request)
         elif kind == "cancel":
             self.requests[op["id"]].cancelled = True  # in flight here as on the leader, which cancels only those
+            for request in generator.drop_cancelled():  # ended at once, as the leader ends it
+                self.requests.pop(request.id, None)
         elif kind == "step":
             with self.watching:
                 finished = generator.step()

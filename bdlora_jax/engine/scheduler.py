@@ -182,11 +182,16 @@ class Scheduler:
             self.replicas.broadcast(op)
 
     def _apply_cancels(self) -> None:
+        """End the requests cancelled since the last turn now, before the step: /metrics then never shows one as
+        neither running nor finished while a step runs."""
+        cancelled = False
         while not self._cancels.empty():
             request = self._cancels.get_nowait()
             if request.finish_reason is None and not request.cancelled:
                 self._replicate({"op": "cancel", "id": request.id})
-                request.cancelled = True
+                request.cancelled = cancelled = True
+        if cancelled:
+            self._finish(self.generator.drop_cancelled())
 
     def _note_first_tokens(self, finished: list[Request]) -> None:
         """Time the first token of every request whose first token this step produced."""
