@@ -294,19 +294,28 @@ def _draw(logits: jax.Array, chunk_max: jax.Array, temperature: jax.Array, top_p
     # shift so the maximum is 0 before dividing: tiny temperatures then give -inf, never +inf or nan
     row_max = jnp.max(chunk_max, axis=-1, keepdims=True)
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    # XLA rewrites each division by t into this product anyway; made here, outside the candidates' branch, its buffer
+    # outlives the branch, so the TopKs can't be handed it and made to wait for the vocabulary-wide sum that reads it
+    inverse_t = 1.0 / t
 
     def scale(x):
-        return (x - row_max) / t
+        return (x - row_max) * inverse_t
 
     u = jax.vmap(lambda key: jax.random.uniform(key, ()))(jax.random.wrap_key_data(keys))
     sampling = temperature > 0
     unfiltered = (top_k == 0) & (top_p >= 1)
-    values, index = top_candidates(logits, min(CANDIDATES, logits.shape[-1]), scale, chunk_max)
-    zeros = jnp.zeros((rows,), jnp.float32)
-    # materialised once: fused into its (rows, k) consumers, the vocabulary-wide sum would be redone per candidate
-    vocabulary_log_total = jax.lax.cond(jnp.any(sampling & (top_k == 0) & (top_p < 1)),
-                                        lambda: jnp.log(jnp.sum(jnp.exp(scale(logits)), axis=-1)), lambda: zeros)
-    by_candidates, fits = _draw_candidates(values, index, vocabulary_log_total, top_k, top_p, u)
+
+    def draw_candidates(normalised: bool):
+        """_draw_candidates, with the vocabulary's normaliser if some row needs it: in one computation with the
+        candidates' TopKs, which it shares nothing with, so XLA's CPU runtime runs the two side by side."""
+        values, index = top_candidates(logits, min(CANDIDATES, logits.shape[-1]), scale, chunk_max)
+        # materialised once: fused into its (rows, k) consumers, the vocabulary-wide sum would be redone per candidate
+        log_total = (jax.lax.optimization_barrier(jnp.log(jnp.sum(jnp.exp(scale(logits)), axis=-1))) if normalised
+                     else jnp.zeros((rows,), jnp.float32))
+        return _draw_candidates(values, index, log_total, top_k, top_p, u)
+
+    by_candidates, fits = jax.lax.cond(jnp.any(sampling & (top_k == 0) & (top_p < 1)),
+                                       partial(draw_candidates, True), partial(draw_candidates, False))
     nothing = jnp.zeros((rows,), jnp.int32)
     by_vocabulary = jax.lax.cond(jnp.any(sampling & unfiltered), lambda: _draw_vocabulary(scale(logits), u),
                                  lambda: nothing)
