@@ -1,8 +1,9 @@
 """The XLA multi-adapter LoRA delta as a grouped GEMM: each routing tile multiplies its adapter's factors once.
 
 Tokens are laid out in the routing's tiles (every tile holds tokens of one adapter group, padded with zero rows);
-a loop over tiles multiplies each tile by its adapter's A and B, read in place from the bank (no per-token or
-per-tile copy of the factors); a token without an adapter is in no tile and gets zeros. Block-diagonal factors
+a loop over tiles multiplies each tile by its adapter's A and B, taken from the bank by a dynamic index, one
+tile's factors at a time (never an array of every token's or every tile's factors); a token without an adapter
+is in no tile and gets zeros. Block-diagonal factors
 (bdlora) contract block by block. A batch routed in blocks of rows (training) skips the tiles: each block's
 tokens are contiguous already, so one batched matmul multiplies every block by a copy of its adapter's factors.
 """
@@ -42,9 +43,10 @@ def _contract(t: jax.Array, factor: jax.Array, block: bool) -> jax.Array:
 
 
 def _each_tile(tiles: jax.Array, slots: jax.Array, step: Callable) -> jax.Array:
-    """step(slot, tile) over every tile, one tile at a time: each reads its adapter's factors in place (a dynamic
-    index into the bank), where a batched matmul would first copy every tile's factors. Unrolled by UNROLL,
-    which measured fastest on CPU (fewer loop steps, no code blow-up)."""
+    """step(slot, tile) over every tile, one tile at a time: each takes its adapter's factors by a dynamic index
+    into the bank, where a batched matmul would first gather every tile's factors into one array. (XLA's CPU
+    backend still copies each tile's slice into a small buffer for its dot, which stays in cache.) Unrolled by
+    UNROLL, which measured fastest on CPU (fewer loop steps, no code blow-up)."""
     unroll = UNROLL if slots.shape[0] > 2 * UNROLL else 1  # many small tiles (decode): unrolled; few: compiles less
     return jax.lax.scan(lambda carry, item: (carry, step(*item)), None, (slots, tiles), unroll=unroll)[1]
 
