@@ -408,7 +408,7 @@ def test_idle_connections_closed_and_sigterm_drains(tmp_path):
     server = Server("bdlora", tmp_path / "server-drain.log")
     server.port = free_port()
     cmd = [sys.executable, "-m", "bdlora_jax.serve", "--mesh", "1x1", "--host", "127.0.0.1", "--port",
-           str(server.port), "--max-batch", "1", "--max-seq-len", "32", "--request-timeout", "1",
+           str(server.port), "--max-batch", "1", "--max-seq-len", "256", "--request-timeout", "1",
            "--shutdown-timeout", "60"]
     with open(server.log_path, "ab") as log:
         server.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
@@ -428,7 +428,9 @@ def test_idle_connections_closed_and_sigterm_drains(tmp_path):
                 pass
             sock.close()
 
-        body = {"model": SERVED, "prompt": "Hi", "max_tokens": 28, "temperature": 0, "stream": True}
+        # Long enough that four streams are in flight for well over a metrics poll (0.1 s): on a fast CPU the demo
+        # decodes a token in about 2 ms, and six 28-token streams were all done within 0.4 s.
+        body = {"model": SERVED, "prompt": "Hi", "max_tokens": 240, "temperature": 0, "stream": True}
 
         async def streams_through_sigterm() -> list[list[str]]:
             """Six streams in flight (one decode row: they run one after another) when SIGTERM arrives."""
