@@ -3,9 +3,9 @@
 Tokens are laid out in the routing's tiles (every tile holds tokens of one adapter group, padded with zero rows);
 a loop over tiles multiplies each tile by its adapter's A and B, taken from the bank by a dynamic index, one
 tile's factors at a time (never an array of every token's or every tile's factors); a token without an adapter
-is in no tile and gets zeros. Block-diagonal factors
-(bdlora) contract block by block. A batch routed in blocks of rows (training) skips the tiles: each block's
-tokens are contiguous already, so one batched matmul multiplies every block by a copy of its adapter's factors.
+is in no tile and gets zeros. Block-diagonal factors (bdlora) contract block by block. A batch routed in blocks
+of rows (training) skips the tiles: each block's tokens are contiguous already, so one batched matmul multiplies
+every block by a copy of its adapter's factors.
 """
 
 from __future__ import annotations
