@@ -131,7 +131,8 @@ def _top_p_count(ordered_weights: jax.Array, top_p: jax.Array) -> jax.Array:
 def first_argmax(x: jax.Array) -> jax.Array:
     """Index of each row's maximum, the lowest on ties (as argmax), reading the vocabulary once."""
     chunks = _chunked(x, -jnp.inf)
-    return _first_argmax(chunks, jnp.max(chunks, axis=-1))
+    # materialised: XLA would otherwise fold the row maximum taken from it into a second pass over the vocabulary
+    return _first_argmax(chunks, jax.lax.optimization_barrier(jnp.max(chunks, axis=-1)))
 
 
 def _first_argmax(chunks: jax.Array, chunk_max: jax.Array) -> jax.Array:
