@@ -1,6 +1,7 @@
-"""One routing step per forward: the tile layout holds every adapted token once, the grouped adapter math (and the
-block math of training batches, gradients included) equals per-row math on every mesh and strategy, and a compiled
-forward groups its tokens once (one sort), not per module."""
+"""One routing step per forward: the tile layout holds every adapted token once and the group mask marks each token's
+own group, the grouped adapter math (tiles or every group's products, and the block math of training batches,
+gradients included) equals per-row math on every mesh and strategy, and a compiled forward groups its tokens once
+(one sort for the tiles, none for the mask), not per module."""
 
 from functools import partial
 
@@ -11,11 +12,12 @@ import pytest
 from helpers import MESHES, ONE_LAYER_CONFIG, STRATEGIES
 from jax.sharding import PartitionSpec
 
+from bdlora_jax.adapters import routing as routing_module
 from bdlora_jax.adapters.bank import BankLayout, bank_key, slot_arrays, write_slot, zeros_bank
 from bdlora_jax.adapters.compressed import CompressedLayout
 from bdlora_jax.adapters.linear import PARTIAL, SLICE, LinearSpecs, LoraLayout, adapted_linear
 from bdlora_jax.adapters.operands import LoraOperand
-from bdlora_jax.adapters.routing import route_shard, tile_count, tile_size
+from bdlora_jax.adapters.routing import dense_groups, route_shard, tile_count, tile_size
 from bdlora_jax.adapters.synthetic import random_adapter
 from bdlora_jax.comm import DecodeShape, compile_decode_step
 from bdlora_jax.config import ModelConfig
@@ -91,9 +93,11 @@ def _module_operands(plan, bank, module):
     return (specs, a_spec, b_spec, *bank[bank_key(0, module)])
 
 
+@pytest.mark.parametrize("products", ["tiles", "every group"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("mesh", MESHES)
-def test_grouped_math_equals_per_row_math(mesh, strategy):
+def test_grouped_math_equals_per_row_math(mesh, strategy, products, monkeypatch):
+    monkeypatch.setattr(routing_module, "DENSE_PRODUCTS", 0 if products == "tiles" else 10**9)
     plan = make_plan(make_mesh(mesh), strategy, ONE_LAYER_CONFIG, RANK)
     bank = _bank(plan)
     slots = jnp.asarray(SLOTS)
@@ -105,8 +109,10 @@ def test_grouped_math_equals_per_row_math(mesh, strategy):
             x = jnp.asarray(rng.normal(size=(len(SLOTS), seq, d_in)), jnp.float32)
             w = jnp.asarray(rng.normal(size=(d_in, d_out)) * d_in ** -0.5, jnp.float32)
             want = jax.jit(partial(_per_row, specs=specs, a_spec=a_spec, b_spec=b_spec))(x, w, slots, a, b)
-            got = jax.jit(partial(_grouped, specs=specs, a_spec=a_spec, b_spec=b_spec, plan=plan))(
-                x, w, slots, a, b, bank=bank, groups=groups)
+            grouped = partial(_grouped, specs=specs, a_spec=a_spec, b_spec=b_spec, plan=plan)
+            routing = jax.jit(partial(route, seq=seq, plan=plan, kernels=False))(AdapterBatch(bank, slots, groups=groups))
+            assert (routing.group_slots is None) == (products == "tiles")
+            got = jax.jit(grouped)(x, w, slots, a, b, bank=bank, groups=groups)
             np.testing.assert_allclose(got, want, atol=2e-6, rtol=0, err_msg=f"{module}, seq {seq}")
             base = np.asarray(jnp.einsum("bsd,do->bso", x, w))
             adapted = SLOTS != 0
@@ -157,6 +163,49 @@ def test_block_math_and_its_gradients_equal_per_row_math(mesh, strategy):
         assert np.abs(np.asarray(got) - base)[BLOCK_SLOTS != 0].max() > 1e-2
 
 
+def _grouped_value_and_grads(plan, bank, slots, module, seed):
+    """(per-row, grouped) (value, output), gradients in x, A and B of one module on rows of 3 tokens."""
+    rng = np.random.default_rng(seed)
+    d_in, d_out = ONE_LAYER_CONFIG.module_dims(module)
+    specs, a_spec, b_spec, a, b = _module_operands(plan, bank, module)
+    x = jnp.asarray(rng.normal(size=(len(slots), 3, d_in)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d_in, d_out)) * d_in ** -0.5, jnp.float32)
+    inputs = (x, w, slots, a, b, jnp.asarray(rng.normal(size=(len(slots), 3, d_out)), jnp.float32))
+    groups = jnp.asarray(slot_groups(np.asarray(slots), 4))
+    grouped = partial(_grouped, specs=specs, a_spec=a_spec, b_spec=b_spec, bank=bank, plan=plan, groups=groups)
+    return (_value_and_grads(partial(_per_row, specs=specs, a_spec=a_spec, b_spec=b_spec), *inputs),
+            _value_and_grads(grouped, *inputs))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("mesh", [MESHES[0], MESHES[-1]])
+def test_every_group_products_and_their_gradients_equal_per_row_math(mesh, strategy):
+    plan = make_plan(make_mesh(mesh), strategy, ONE_LAYER_CONFIG, RANK)
+    bank = _bank(plan)
+    assert dense_groups(len(SLOTS) * 3, 4)  # 24 tokens over 4 groups take the every-group products
+    for module in MODULES[:3]:
+        ((_, want), want_grads), ((_, got), got_grads) = _grouped_value_and_grads(plan, bank, jnp.asarray(SLOTS),
+                                                                                  module, seed=2)
+        # the expand sums over groups x rank, zeros included, so its float32 rounding may differ by a few ulps
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6, err_msg=module)
+        for name, g, h in zip(("x", "A", "B"), got_grads, want_grads):
+            np.testing.assert_allclose(g, h, atol=2e-5, rtol=1e-5, err_msg=f"{module} d{name}")
+        assert np.abs(np.asarray(got_grads[2])).max() > 1e-2  # B gets a gradient
+
+
+def test_every_group_routing_masks_each_token_to_its_own_group():
+    slots = np.array([5, 0, 9, 5, 2, 0, 9, 9], np.int32)
+    groups = jnp.asarray(slot_groups(slots, 4))  # [2, 5, 9, 0]
+    routing = jax.jit(partial(route_shard, seq=2, kernels=False, dense=True))(jnp.asarray(slots), groups=groups)
+    assert routing.tile_slots is None and routing.order is None
+    np.testing.assert_array_equal(routing.group_slots, [2, 5, 9, 0])
+    token_slots = np.repeat(slots, 2)
+    want = (token_slots[:, None] == np.array([2, 5, 9, 0])[None, :]) & (token_slots[:, None] > 0)
+    np.testing.assert_array_equal(routing.token_groups, want.astype(np.float32))
+    # a decode step of 32 rows over up to 8 adapters takes the products; over 16, or a prefill, the tiles
+    assert dense_groups(32, 8) and not dense_groups(32, 16) and not dense_groups(32 * 32, 1)
+
+
 @pytest.mark.parametrize("tokens,groups", [(32, 32), (32, 4), (32, 1), (40, 3), (7, 16), (1024, 8)])
 def test_tiles_hold_every_adapted_token_once_with_one_slot_per_tile(tokens, groups):
     rng = np.random.default_rng(tokens + groups)
@@ -196,10 +245,13 @@ def _sorts(hlo: str) -> int:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_a_compiled_decode_step_groups_tokens_once(strategy):
+def test_a_compiled_decode_step_groups_tokens_once(strategy, monkeypatch):
     plan = make_plan(make_mesh("1x8"), strategy, THREE_LAYERS, RANK)
     shape = DecodeShape(batch=8, max_seq_len=32, max_loras=4, rank=RANK, dtype="float32")
     assert _sorts(compile_decode_step(THREE_LAYERS, plan, shape, with_lora=False).as_text()) == 0
+    # 8 tokens over 4 groups multiply every group's factors: a mask, no sort
+    assert _sorts(compile_decode_step(THREE_LAYERS, plan, shape, with_lora=True).as_text()) == 0
+    monkeypatch.setattr(routing_module, "DENSE_PRODUCTS", 0)  # the tiles: one sort, shared by every module
     assert _sorts(compile_decode_step(THREE_LAYERS, plan, shape, with_lora=True).as_text()) == 1
     compressed = CompressedLayout(THREE_LAYERS, clusters=2, adapters=3, rank=RANK, model_blocks=8,
                                   block_factors=plan.block_factors,

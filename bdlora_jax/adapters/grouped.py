@@ -3,9 +3,10 @@
 Tokens are laid out in the routing's tiles (every tile holds tokens of one adapter group, padded with zero rows);
 a loop over tiles multiplies each tile by its adapter's A and B, taken from the bank by a dynamic index, one
 tile's factors at a time (never an array of every token's or every tile's factors); a token without an adapter
-is in no tile and gets zeros. Block-diagonal factors (bdlora) contract block by block. A batch routed in blocks
-of rows (training) skips the tiles: each block's tokens are contiguous already, so one batched matmul multiplies
-every block by a copy of its adapter's factors.
+is in no tile and gets zeros. Block-diagonal factors (bdlora) contract block by block. Few tokens over few groups
+(routing.group_slots set) skip the tiles: two products multiply every token by every group's factors, and a mask
+keeps each token's own group. A batch routed in blocks of rows (training) skips the tiles too: each block's
+tokens are contiguous already, so one batched matmul multiplies every block by a copy of its adapter's factors.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def grouped_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routin
     on the rank-sized x·A (collective: it moves data, so it runs on the tokens rather than on padded tiles, between
     a shrink pass and an expand pass; without one, each tile's shrink and expand run in one pass)."""
     batch, seq = x.shape[:2]
+    if routing.group_slots is not None:
+        return _every_group_delta(x.reshape(batch * seq, -1), a, b, routing, a_block, b_block, join).reshape(
+            batch, seq, -1)
     tiles = to_tiles(x.reshape(batch * seq, -1), routing)
 
     def factor(bank: jax.Array, slot: jax.Array) -> jax.Array:
@@ -74,6 +78,25 @@ def grouped_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routin
     else:
         y = _each_tile(tiles, routing.tile_slots, lambda slot, tile: expand(slot, shrink(slot, tile)))
     return from_tiles(y, routing).reshape(batch, seq, -1)
+
+
+def _every_group_delta(x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing, a_block: bool, b_block: bool,
+                       join: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """x·A[slot]·B[slot] of every token (T, out) in float32 from the products of every token with every group's
+    factors (one copy of each group's A and B), masked to each token's own group; zeros for a token in no group."""
+    mask = routing.token_groups  # (T, groups)
+    fa, fb = a[routing.group_slots], b[routing.group_slots]
+    if a_block and fa.shape[1] > 1:
+        xb = x.reshape(x.shape[0], fa.shape[1], fa.shape[2])
+        h = jnp.einsum("tbk,gbkr->tgbr", xb, fa, preferred_element_type=jnp.float32).reshape(mask.shape + (-1,))
+    else:
+        h = jnp.einsum("tk,gkr->tgr", x, fa[:, 0] if a_block else fa, preferred_element_type=jnp.float32)
+    h = join(jnp.einsum("tgr,tg->tr", h, mask))
+    own = (h[:, None, :] * mask[:, :, None]).astype(b.dtype)  # (T, groups, rank): zero outside the token's group
+    if b_block and fb.shape[1] > 1:
+        ob = own.reshape(own.shape[:2] + fb.shape[1:3])
+        return jnp.einsum("tgbr,gbrn->tbn", ob, fb, preferred_element_type=jnp.float32).reshape(x.shape[0], -1)
+    return jnp.einsum("tgr,grn->tn", own, fb[:, 0] if b_block else fb, preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp

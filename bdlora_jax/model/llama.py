@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec
 from ..adapters.bank import bank_key
 from ..adapters.linear import LinearSpecs, adapted_linear
 from ..adapters.operands import CompressedOperand, LoraOperand
-from ..adapters.routing import Routing, route_blocks, route_shard
+from ..adapters.routing import Routing, dense_groups, route_blocks, route_shard
 from ..config import LORA_MODULES, ModelConfig
 from ..sharding import (
     KEY_CACHE_AXES,
@@ -119,7 +119,8 @@ def route(adapters: AdapterBatch, seq: int, plan: ShardingPlan, kernels: bool) -
 
     def shard(slots, groups, clusters, sigma_ids):
         return route_shard(slots, seq, groups, kernels=kernels, clusters=clusters if compressed else None,
-                           sigma_ids=sigma_ids, num_clusters=num_clusters)
+                           sigma_ids=sigma_ids, num_clusters=num_clusters,
+                           dense=dense_groups(slots.shape[0] * seq, groups.shape[0]))
 
     ids = (adapters.clusters, adapters.sigma_ids) if compressed else (adapters.slots, adapters.slots)
     return jax.shard_map(shard, mesh=plan.mesh, in_specs=(row, PartitionSpec(), row, row), out_specs=row)(
