@@ -114,12 +114,11 @@ def route_shard(slots: jax.Array, seq: int, groups: jax.Array, *, kernels: bool,
     """
     token_slots = jnp.repeat(slots, seq)
     tokens, num_groups = token_slots.shape[0], groups.shape[0]
-    match = (token_slots[:, None] == groups[None, :]) & (token_slots[:, None] > 0)
-    token_group = jnp.where(match.any(axis=1), jnp.argmax(match, axis=1), num_groups).astype(jnp.int32)
+    match = (token_slots[:, None] == groups[None, :]) & (token_slots[:, None] > 0)  # groups' slots are distinct
     if dense and not kernels:
-        routing = Routing(token_slots, group_slots=groups.astype(jnp.int32),
-                          token_groups=(token_group[:, None] == jnp.arange(num_groups)).astype(jnp.float32))
+        routing = Routing(token_slots, group_slots=groups.astype(jnp.int32), token_groups=match.astype(jnp.float32))
         return _with_clusters(routing, seq, clusters, sigma_ids, num_clusters)
+    token_group = jnp.where(match.any(axis=1), jnp.argmax(match, axis=1), num_groups).astype(jnp.int32)
     order = jnp.argsort(token_group, stable=True).astype(jnp.int32)
     sizes = jnp.bincount(token_group, length=num_groups + 1).astype(jnp.int32)[:num_groups]
     routing = Routing(token_slots, *_tiles(token_group, groups, order, sizes))
